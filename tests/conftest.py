@@ -1,0 +1,28 @@
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from datasets import find_root, load_split  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def omniglot_root() -> Path:
+    root = os.environ.get("OMNIGLOT_ROOT")
+    if not root:
+        pytest.skip("set OMNIGLOT_ROOT to the folder holding omniglot-py/ (e.g. ../shared/omniglot)")
+    return find_root(root, download=False)
+
+
+@pytest.fixture(scope="session")
+def background(omniglot_root):
+    return load_split(omniglot_root, "images_background")
+
+
+@pytest.fixture(scope="session")
+def evaluation(omniglot_root):
+    return load_split(omniglot_root, "images_evaluation")

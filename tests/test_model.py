@@ -1,0 +1,64 @@
+import pytest
+import torch
+
+from model import ANML, checkpoint_name, load_anml, parse_checkpoint_name
+
+SPEC_SHAPES = {
+    **{f"{net}.convBlock{i}.{part}": None for net in ("rln", "nm") for i in (1, 2, 3)
+       for part in ("conv.weight", "conv.bias", "norm.weight", "norm.bias")},
+    "nm.fc.weight": (2304, 1008), "nm.fc.bias": (2304,), "fc.weight": (1000, 2304), "fc.bias": (1000,),
+}
+
+
+def test_state_dict_keys_and_shapes_are_the_spec():
+    state = ANML().state_dict()
+    assert set(state) == set(SPEC_SHAPES)
+    for key, shape in SPEC_SHAPES.items():
+        if shape is not None:
+            assert tuple(state[key].shape) == shape
+    assert state["rln.convBlock1.conv.weight"].shape == (256, 1, 3, 3)
+    assert state["rln.convBlock3.conv.weight"].shape == (256, 256, 3, 3)
+    assert state["nm.convBlock2.conv.weight"].shape == (112, 112, 3, 3)
+    assert list(ANML().buffers()) == []
+
+
+def test_shapes_and_gate():
+    model = ANML()
+    x = torch.rand(3, 1, 28, 28)
+    assert model.rln(x).shape == (3, 2304)
+    gate = model.nm(x)
+    assert gate.shape == (3, 2304) and gate.min() > 0 and gate.max() < 1
+    assert model(x).shape == (3, 1000)
+    torch.testing.assert_close(model(x), model.fc(model.rln(x) * gate))
+
+
+def test_instance_norm_makes_each_image_independent_of_its_batch():
+    model = ANML(16, 8, 144)
+    x = torch.rand(4, 1, 28, 28)
+    torch.testing.assert_close(model(x)[1:2], model(x[1:2]))
+
+
+def test_mask_must_match_rln():
+    with pytest.raises(ValueError, match="mask size"):
+        ANML(256, 112, 1000)
+
+
+def test_checkpoint_round_trip(tmp_path):
+    model = ANML(16, 8, 144)
+    path = tmp_path / checkpoint_name(16, 8, 144, 7)
+    torch.save(model.state_dict(), path)
+    assert parse_checkpoint_name(path) == (16, 8, 144, 7)
+    loaded = load_anml(path)
+    for a, b in zip(model.state_dict().values(), loaded.state_dict().values()):
+        assert torch.equal(a, b)
+
+
+def test_checkpoint_errors(tmp_path):
+    with pytest.raises(ValueError, match="name must look like"):
+        load_anml(tmp_path / "model.pth")
+    with pytest.raises(FileNotFoundError, match="no such checkpoint"):
+        load_anml(tmp_path / "16_8_144_ANML-1.pth")
+    wrong = tmp_path / "32_8_288_ANML-1.pth"
+    torch.save(ANML(16, 8, 144).state_dict(), wrong)
+    with pytest.raises(ValueError, match="do not match"):
+        load_anml(wrong)

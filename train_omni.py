@@ -1,0 +1,78 @@
+"""Meta-train an ANML on Omniglot's background set: python train_omni.py [flags]."""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+import torch
+
+import anml
+from datasets import find_root, load_split
+from model import ANML
+
+DEFAULTS = {"rln": 256, "nm": 112, "mask": 2304, "epochs": 30000, "inner_lr": 0.1, "outer_lr": 0.003,
+            "seed": 0, "save_every": 1000, "log_every": 10}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__)
+    # Run settings default to None so that --resume can tell a flag given from a flag left out.
+    p.add_argument("--rln", type=int, help=f"RLN channels (default {DEFAULTS['rln']})")
+    p.add_argument("--nm", type=int, help=f"NM channels (default {DEFAULTS['nm']})")
+    p.add_argument("--mask", type=int, help=f"gate size, 9 x RLN channels (default {DEFAULTS['mask']})")
+    p.add_argument("--epochs", type=int, help=f"meta-training iterations (default {DEFAULTS['epochs']})")
+    p.add_argument("--inner-lr", type=float, help=f"inner-loop SGD learning rate (default {DEFAULTS['inner_lr']})")
+    p.add_argument("--outer-lr", type=float, help=f"outer Adam learning rate (default {DEFAULTS['outer_lr']})")
+    p.add_argument("--seed", type=int, help=f"seed for torch, numpy and random (default {DEFAULTS['seed']})")
+    p.add_argument("--save-every", type=int, help=f"checkpoint every N iterations (default {DEFAULTS['save_every']})")
+    p.add_argument("--log-every", type=int, help=f"log every N iterations (default {DEFAULTS['log_every']})")
+    p.add_argument("-d", "--device", choices=["cpu", "cuda"], help="default: cuda where available, else cpu")
+    p.add_argument("--data-root", type=Path, help="folder holding omniglot-py/ (default $OMNIGLOT_ROOT, else ./data)")
+    p.add_argument("--no-download", action="store_true", help="never download Omniglot; fail if it is absent")
+    p.add_argument("--out-dir", type=Path, default=Path("trained_anmls"), help="where checkpoints go (default trained_anmls/)")
+    p.add_argument("--resume", type=Path, metavar="CHECKPOINT",
+                   help="continue the run saved as CHECKPOINT (its .state.pth must sit beside it)")
+    return p.parse_args(argv)
+
+
+def run_settings(args: argparse.Namespace, saved: dict | None) -> dict:
+    """The flags given, over the resumed run's settings (or the defaults); a resumed run keeps its recipe."""
+    given = {k: getattr(args, k) for k in DEFAULTS if getattr(args, k) is not None}
+    if saved is None:
+        return {**DEFAULTS, **given}
+    for key, value in given.items():
+        if key != "epochs" and value != saved[key]:
+            flag = "--" + key.replace("_", "-")
+            raise ValueError(f"{flag} {value} differs from the resumed run's {saved[key]}; drop {flag} to resume it")
+    return {**saved, **given}
+
+
+def main(argv: list[str] | None = None) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    args = parse_args(argv)
+    try:
+        device = anml.resolve_device(args.device)
+        data = load_split(find_root(args.data_root, download=not args.no_download), "images_background").to(device)
+        if args.resume:
+            model, outer_opt, start, saved = anml.load_resume(args.resume, device)
+            settings = run_settings(args, saved)
+            logging.info("resuming %s at iteration %d", args.resume, start)
+        else:
+            settings = run_settings(args, None)
+            anml.seed_everything(settings["seed"])
+            model = ANML(settings["rln"], settings["nm"], settings["mask"]).to(device)
+            outer_opt = torch.optim.Adam(model.parameters(), lr=settings["outer_lr"])
+            start = 0
+        anml.keep_freed_memory()
+        last = anml.train(model, outer_opt, data, args.out_dir, settings, start)
+    except (OSError, ValueError) as err:
+        sys.exit(f"error: {err}")
+    except KeyboardInterrupt as stop:
+        sys.exit(f"interrupted: {stop}")
+    logging.info("done: %s", last)
+
+
+if __name__ == "__main__":
+    main()
