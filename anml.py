@@ -1,8 +1,10 @@
 """ANML: meta-training (a differentiable inner loop with `higher`, an Adam outer step) and meta-testing."""
 from __future__ import annotations
 
+import copy
 import csv
 import ctypes
+import hashlib
 import logging
 import os
 import random
@@ -12,11 +14,13 @@ from pathlib import Path
 import higher
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from datasets import Omniglot, sample_meta_train
+from datasets import Omniglot, sample_meta_test, sample_meta_train
+from datasets.omniglot import cache_dir
 from model import ANML, Plastic, checkpoint_name, load_anml, parse_checkpoint_name
 
 log = logging.getLogger(__name__)
@@ -36,8 +40,9 @@ def resolve_device(name: str | None) -> torch.device:
 def keep_freed_memory() -> None:
     """Make glibc keep freed memory for reuse instead of handing large blocks back to the OS.
 
-    A meta-step allocates and frees activations of tens of MB; by default glibc maps each afresh and the
-    page faults cost about a sixth of a CPU step. Elsewhere than glibc this does nothing.
+    A meta-step, or a batch of feature extraction, allocates and frees activations of tens of MB; by default
+    glibc maps each afresh, and the page faults cost about a sixth of a meta-step and a third of feature
+    extraction on a CPU. Elsewhere than glibc this does nothing.
     """
     try:
         libc = ctypes.CDLL("libc.so.6")
@@ -89,6 +94,48 @@ def meta_step(model: ANML, outer_opt: torch.optim.Optimizer,
     return loss.item(), (logits.argmax(1) == labels).float().mean().item()
 
 
+# Meta-batches across workers: under torchrun each worker runs its own task; the meta-gradients are averaged
+# before one identical Adam step, and every re-drawn fc row is shared, so all workers hold the same weights.
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def share_lobotomies(model: ANML, cls: int) -> None:
+    """Give every worker the fc row each worker re-drew for its own class (in rank order where classes repeat)."""
+    if world_size() == 1:
+        return
+    weight = model.fc.weight
+    classes = [torch.empty(1, dtype=torch.long, device=weight.device) for _ in range(world_size())]
+    rows = [torch.empty_like(weight[0]) for _ in range(world_size())]
+    dist.all_gather(classes, torch.tensor([cls], device=weight.device))
+    dist.all_gather(rows, weight[cls].detach().clone())
+    with torch.no_grad():
+        for c, row in zip(classes, rows):
+            weight[int(c)] = row
+
+
+def _average_gradients(optimizer: torch.optim.Optimizer, *_) -> None:
+    grads = [p.grad for group in optimizer.param_groups for p in group["params"]]
+    flat = torch.cat([g.flatten() for g in grads])
+    dist.all_reduce(flat)
+    flat /= world_size()
+    for g, averaged in zip(grads, flat.split([g.numel() for g in grads])):
+        g.copy_(averaged.view_as(g))
+
+
+def outer_optimizer(model: ANML, lr: float) -> torch.optim.Adam:
+    """Adam over all of the ANML; under torch.distributed it first averages the gradients across workers."""
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    if world_size() > 1:
+        opt.register_step_pre_hook(_average_gradients)
+    return opt
+
+
 def state_path(checkpoint: Path) -> Path:
     """The optimizer/iteration/RNG file that sits beside a checkpoint."""
     return checkpoint.with_name(checkpoint.name.removesuffix(".pth") + ".state.pth")
@@ -118,14 +165,35 @@ def _set_rng_state(state: dict) -> None:
 
 def save_checkpoint(model: ANML, outer_opt: torch.optim.Optimizer, out_dir: Path, iteration: int,
                     settings: dict) -> Path:
-    """The weights as a plain state_dict, and beside them what --resume needs; both written atomically."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / checkpoint_name(settings["rln"], settings["nm"], settings["mask"], iteration)
-    # State first: weights without their state file cannot be resumed, a state file without weights is inert.
-    _save_atomic({"iteration": iteration, "optimizer": outer_opt.state_dict(), "rng": _rng_state(),
-                  "settings": settings}, state_path(path))
-    _save_atomic({k: v.detach().cpu() for k, v in model.state_dict().items()}, path)
+    """The weights as a plain state_dict, and beside them what --resume needs; both written atomically.
+
+    Under torch.distributed every worker must call it (it gathers each worker's random state); rank 0 writes.
+    """
+    path = Path(out_dir) / checkpoint_name(settings["rln"], settings["nm"], settings["mask"], iteration)
+    rng = [_rng_state()]
+    if world_size() > 1:
+        rng = [None] * world_size()
+        dist.all_gather_object(rng, _rng_state())
+    if rank() == 0:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # State first: weights without their state file cannot be resumed; a state file without weights is inert.
+        _save_atomic({"iteration": iteration, "optimizer": outer_opt.state_dict(), "rng": rng,
+                      "settings": settings}, state_path(path))
+        _save_atomic({k: v.detach().cpu() for k, v in model.state_dict().items()}, path)
     return path
+
+
+def new_run(settings: dict, device: torch.device) -> tuple[ANML, torch.optim.Optimizer]:
+    """A freshly initialised ANML and its outer optimizer, every generator seeded from settings["seed"].
+
+    Under torch.distributed every worker starts from the same weights, then draws its tasks from a stream of
+    its own (rank 0's is the single-process stream).
+    """
+    seed_everything(settings["seed"])
+    model = ANML(settings["rln"], settings["nm"], settings["mask"]).to(device)
+    if rank() > 0:
+        seed_everything(int(np.random.SeedSequence([settings["seed"], rank()]).generate_state(1)[0]))
+    return model, outer_optimizer(model, settings["outer_lr"])
 
 
 def load_resume(checkpoint: Path, device: torch.device) -> tuple[ANML, torch.optim.Optimizer, int, dict]:
@@ -141,14 +209,18 @@ def load_resume(checkpoint: Path, device: torch.device) -> tuple[ANML, torch.opt
     state = torch.load(state_path(checkpoint), map_location="cpu", weights_only=True)
     if state["iteration"] != parse_checkpoint_name(checkpoint)[3]:
         raise ValueError(f"{state_path(checkpoint)} belongs to iteration {state['iteration']}, not to {checkpoint.name}")
-    outer_opt = torch.optim.Adam(model.parameters(), lr=state["settings"]["outer_lr"])
+    if len(state["rng"]) != world_size():
+        raise ValueError(f"{checkpoint} was saved by {len(state['rng'])} worker(s); resume it with as many "
+                         f"(torchrun --nproc_per_node), not {world_size()}")
+    outer_opt = outer_optimizer(model, state["settings"]["outer_lr"])
     outer_opt.load_state_dict(state["optimizer"])
-    _set_rng_state(state["rng"])
+    _set_rng_state(state["rng"][rank()])
     return model, outer_opt, state["iteration"] + 1, state["settings"]
 
 
 def _open_log(path: Path, start: int):
     """The CSV log, opened for appending, without the rows past `start` that a run left when it stopped unsaved."""
+    path.parent.mkdir(parents=True, exist_ok=True)
     rows = []
     if path.is_file():
         with path.open(newline="") as f:
@@ -163,35 +235,126 @@ def train(model: ANML, outer_opt: torch.optim.Optimizer, data: Omniglot, out_dir
     """Meta-train from iteration `start` to settings["epochs"]; returns the last checkpoint.
 
     settings: rln, nm, mask, epochs, inner_lr, outer_lr, save_every, log_every (and seed, kept for the
-    record). Ctrl-C finishes the current iteration, saves, then raises KeyboardInterrupt.
+    record). Ctrl-C finishes the current iteration, saves, then raises KeyboardInterrupt. Under
+    torch.distributed each worker runs one task of the meta-batch; rank 0 logs and writes.
     """
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    log_file = _open_log(out_dir / "training_log.csv", start)
+    log_file = _open_log(out_dir / "training_log.csv", start) if rank() == 0 else None
     interrupted = []
     previous_handler = signal.signal(signal.SIGINT, lambda *_: interrupted.append(True))
+    device = next(model.parameters()).device
     window, last = [], None
     try:
-        bar = tqdm(range(start, settings["epochs"]), initial=start, total=settings["epochs"], desc="meta-train")
+        bar = tqdm(range(start, settings["epochs"]), initial=start, total=settings["epochs"], desc="meta-train",
+                   disable=rank() > 0)
         for it in bar:
             traj, remember = sample_meta_train(data)
             traj_ims, traj_labels = data.batch(traj)
             remember_ims, remember_labels = data.batch(remember)
             lobotomize(model, int(traj_labels[0]))
-            window.append(meta_step(model, outer_opt, traj_ims, traj_labels, remember_ims, remember_labels,
-                                    settings["inner_lr"]))
+            share_lobotomies(model, int(traj_labels[0]))
+            loss, acc = meta_step(model, outer_opt, traj_ims, traj_labels, remember_ims, remember_labels,
+                                  settings["inner_lr"])
+            # One small all-reduce: the meta-batch's mean loss and accuracy, and whether any worker was interrupted.
+            stats = torch.tensor([loss, acc, float(bool(interrupted))], dtype=torch.float64, device=device)
+            if world_size() > 1:
+                dist.all_reduce(stats)
+                stats[:2] /= world_size()
+            window.append(stats[:2].tolist())
+            stop = bool(stats[2] > 0)
             if (it + 1) % settings["log_every"] == 0:
                 loss, acc = np.mean(window, axis=0)
-                log_file.write(f"{it},{loss:.5f},{acc:.5f}\n")
-                log_file.flush()
+                if log_file:
+                    log_file.write(f"{it},{loss:.5f},{acc:.5f}\n")
+                    log_file.flush()
                 bar.set_postfix(loss=f"{loss:.3f}", acc=f"{acc:.3f}")
                 window = []
-            if (it + 1) % settings["save_every"] == 0 or it + 1 == settings["epochs"] or interrupted:
+            if (it + 1) % settings["save_every"] == 0 or it + 1 == settings["epochs"] or stop:
                 last = save_checkpoint(model, outer_opt, out_dir, it, settings)
                 log.info("saved %s", last)
-            if interrupted:
+            if stop:
                 raise KeyboardInterrupt(f"stopped after iteration {it}; resume with --resume {last}")
     finally:
-        log_file.close()
+        if log_file:
+            log_file.close()
         signal.signal(signal.SIGINT, previous_handler)
     return last
+
+
+# Meta-testing. NM and RLN are frozen, so each drawing's gated features RLN(x) * NM(x) are fixed for a given
+# model: compute them once, and the test-train sequence is Adam on the fc layer alone.
+
+@torch.no_grad()
+def gated_features(model: ANML, data: Omniglot, batch_size: int = 500) -> torch.Tensor:
+    """RLN(x) * NM(x) of every drawing of `data`, [N, mask_size], on the model's device."""
+    device = next(model.parameters()).device
+    chunks = torch.arange(len(data.labels)).split(batch_size)
+    return torch.cat([model.features(data.batch(c)[0].to(device))
+                      for c in tqdm(chunks, desc="features", leave=False)])
+
+
+def cached_features(checkpoint: Path, model: ANML, data: Omniglot) -> torch.Tensor:
+    """gated_features, kept on disk under a key of the checkpoint's bytes and the data set's."""
+    digest = hashlib.sha256(Path(checkpoint).read_bytes()).hexdigest()[:20]
+    path = cache_dir() / f"features-{digest}-{data.key}.pt"
+    device = next(model.parameters()).device
+    if path.is_file():
+        return torch.load(path, weights_only=True).to(device)
+    features = gated_features(model, data)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _save_atomic(features.cpu(), path)
+    return features
+
+
+def fresh_fc(model: ANML, generator: torch.Generator) -> nn.Linear:
+    """A copy of the model's fc layer, its weight re-drawn Kaiming-normal (the bias stays as loaded)."""
+    fc = copy.deepcopy(model.fc)
+    weight = torch.empty(fc.weight.shape)
+    nn.init.kaiming_normal_(weight, generator=generator)
+    with torch.no_grad():
+        fc.weight.copy_(weight)
+    return fc
+
+
+@torch.no_grad()
+def test_train(fc: nn.Linear, features: torch.Tensor, labels: torch.Tensor, lr: float) -> None:
+    """Adam on `fc`, one step per drawing (batch of 1) on the cross-entropy, class after class.
+
+    features: [classes, drawings, mask_size] in training order; labels: [classes].
+    """
+    # Each step is bound by memory traffic over the 1000 x mask_size weights and Adam's moments. So the
+    # gradient of the cross-entropy, softmax(logits) - one_hot, times the input, is written straight into the
+    # .grad buffers that the fused Adam reads: the numbers backward() gives, without its extra passes.
+    weight, bias = fc.weight, fc.bias
+    weight.grad, bias.grad = torch.zeros_like(weight), torch.zeros_like(bias)
+    opt = torch.optim.Adam(fc.parameters(), lr=lr, fused=True)
+    for cls_features, label in zip(features, labels.tolist()):
+        for x in cls_features:
+            grad = torch.softmax(torch.addmv(bias, weight, x), 0)
+            grad[label] -= 1
+            torch.outer(grad, x, out=weight.grad)
+            bias.grad.copy_(grad)
+            opt.step()
+
+
+@torch.no_grad()
+def test_test(fc: nn.Linear, features: torch.Tensor, labels: torch.Tensor) -> float:
+    """Accuracy of `fc` on [classes, drawings, mask_size] features: per class, then averaged over classes."""
+    predictions = fc(features).argmax(-1)
+    return (predictions == labels[:, None]).float().mean(1).mean().item()
+
+
+def meta_test_run(model: ANML, features: torch.Tensor, data: Omniglot, n_classes: int, lr: float,
+                  n_train: int = 15, seed: int = 0) -> tuple[float, float, nn.Linear]:
+    """One meta-test run on precomputed features; returns test accuracy, train accuracy and the trained fc.
+
+    The seed fixes the classes, their order, the splits, the drawing order and the fc initialisation.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    train_idx, test_idx = sample_meta_test(data, n_classes, n_train, generator)
+    fc = fresh_fc(model, generator)
+    labels = data.labels[train_idx[:, 0]].to(features.device)
+    train_features = features[train_idx.to(features.device)]
+    test_train(fc, train_features, labels, lr)
+    test_features = features[test_idx.to(features.device)]
+    return test_test(fc, test_features, labels), test_test(fc, train_features, labels), fc

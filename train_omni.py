@@ -3,14 +3,16 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
+from datetime import timedelta
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 import anml
 from datasets import find_root, load_split
-from model import ANML
 
 DEFAULTS = {"rln": 256, "nm": 112, "mask": 2304, "epochs": 30000, "inner_lr": 0.1, "outer_lr": 0.003,
             "seed": 0, "save_every": 1000, "log_every": 10}
@@ -49,11 +51,25 @@ def run_settings(args: argparse.Namespace, saved: dict | None) -> dict:
     return {**saved, **given}
 
 
+def init_distributed(device: torch.device) -> torch.device:
+    """Under torchrun, join the process group (gloo on CPU, nccl on CUDA) and return this worker's device."""
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+    # A worker that dies makes the others' next collective fail after this long instead of waiting forever.
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(minutes=5))
+    if dist.get_rank() > 0:
+        logging.getLogger().setLevel(logging.WARNING)
+    return device
+
+
 def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     args = parse_args(argv)
     try:
         device = anml.resolve_device(args.device)
+        if dist.is_torchelastic_launched():
+            device = init_distributed(device)
         data = load_split(find_root(args.data_root, download=not args.no_download), "images_background").to(device)
         if args.resume:
             model, outer_opt, start, saved = anml.load_resume(args.resume, device)
@@ -61,16 +77,19 @@ def main(argv: list[str] | None = None) -> None:
             logging.info("resuming %s at iteration %d", args.resume, start)
         else:
             settings = run_settings(args, None)
-            anml.seed_everything(settings["seed"])
-            model = ANML(settings["rln"], settings["nm"], settings["mask"]).to(device)
-            outer_opt = torch.optim.Adam(model.parameters(), lr=settings["outer_lr"])
+            model, outer_opt = anml.new_run(settings, device)
             start = 0
         anml.keep_freed_memory()
+        if anml.world_size() > 1:
+            logging.info("meta-batch of %d tasks, one per worker", anml.world_size())
         last = anml.train(model, outer_opt, data, args.out_dir, settings, start)
     except (OSError, ValueError) as err:
         sys.exit(f"error: {err}")
     except KeyboardInterrupt as stop:
         sys.exit(f"interrupted: {stop}")
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
     logging.info("done: %s", last)
 
 

@@ -34,6 +34,7 @@ class Omniglot:
 
     images: torch.Tensor
     labels: torch.Tensor
+    key: str = ""  # identifies the files and preprocessing these images came from
 
     @property
     def n_classes(self) -> int:
@@ -43,7 +44,7 @@ class Omniglot:
         return (self.labels == cls).nonzero().flatten()
 
     def to(self, device: torch.device | str) -> "Omniglot":
-        return Omniglot(self.images.to(device), self.labels.to(device))
+        return Omniglot(self.images.to(device), self.labels.to(device), self.key)
 
     def batch(self, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Float images in [0, 1] and labels at the given indices."""
@@ -104,17 +105,18 @@ def load_split(root: Path, split: str) -> Omniglot:
     files = _image_files(split_dir)
     if not files:
         raise FileNotFoundError(f"no PNG drawings under {split_dir}; is the data set extracted there?")
-    cache = cache_dir() / f"omniglot-{split}-{_cache_key(split_dir, files)}.pt"
+    key = _cache_key(split_dir, files)
+    cache = cache_dir() / f"omniglot-{split}-{key}.pt"
     if cache.is_file():
         data = torch.load(cache, weights_only=True)
-        return Omniglot(data["images"], data["labels"])
+        return Omniglot(data["images"], data["labels"], key)
     images = np.stack([preprocess(f) for _, f in tqdm(files, desc=f"decoding {split}", unit="img")])
     data = {"images": torch.from_numpy(images).unsqueeze(1), "labels": torch.tensor([c for c, _ in files])}
     cache.parent.mkdir(parents=True, exist_ok=True)
     tmp = cache.with_suffix(f".tmp{os.getpid()}")
     torch.save(data, tmp)
     tmp.replace(cache)
-    return Omniglot(data["images"], data["labels"])
+    return Omniglot(data["images"], data["labels"], key)
 
 
 def sample_meta_train(data: Omniglot, n_remember: int = 64) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,0 +1,133 @@
+import copy
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import anml
+import eval_omni
+from model import ANML, checkpoint_name
+from tests.conftest import REPO
+from tests.reference import plain_meta_test_run
+
+SIZES = (32, 16, 288)
+
+
+@pytest.fixture(scope="module")
+def small_model():
+    torch.manual_seed(5)
+    return ANML(*SIZES).eval()
+
+
+@pytest.fixture(scope="module")
+def small_features(small_model, evaluation):
+    return anml.gated_features(small_model, evaluation)
+
+
+def test_gated_features_are_the_models(small_model, small_features, evaluation):
+    x, _ = evaluation.batch(torch.tensor([0, 777, 13179]))
+    with torch.no_grad():
+        torch.testing.assert_close(small_features[[0, 777, 13179]], small_model.features(x))
+
+
+def test_fast_run_matches_the_plain_protocol(small_model, small_features, evaluation):
+    """Same classes, splits, orders and init: the same fc weights and accuracies."""
+    for n_classes, lr in ((3, 0.001), (6, 0.003)):
+        test, train, fc = anml.meta_test_run(small_model, small_features, evaluation, n_classes, lr, seed=11)
+        plain_test, plain_train, plain_fc = plain_meta_test_run(copy.deepcopy(small_model), evaluation, n_classes, lr,
+                                                                seed=11)
+        for a, b in ((fc.weight, plain_fc.weight), (fc.bias, plain_fc.bias)):
+            assert (a - b).norm() / b.norm() < 1e-4
+        assert (test, train) == pytest.approx((plain_test, plain_train), abs=1e-6)
+        assert not torch.equal(fc.weight, small_model.fc.weight)
+
+
+def test_fc_bias_stays_as_loaded_and_weight_is_redrawn(small_model):
+    g = torch.Generator().manual_seed(0)
+    fc = anml.fresh_fc(small_model, g)
+    assert torch.equal(fc.bias, small_model.fc.bias)
+    assert not torch.equal(fc.weight, small_model.fc.weight)
+    assert abs(fc.weight.std().item() - (2 / SIZES[2]) ** 0.5) < 0.05 * (2 / SIZES[2]) ** 0.5
+
+
+def test_test_test_averages_over_classes():
+    fc = torch.nn.Linear(2, 1000)
+    with torch.no_grad():
+        fc.weight.zero_()
+        fc.bias.zero_()
+        fc.bias[4] = 1  # always predicts class 4
+    features = torch.zeros(2, 5, 2)
+    assert anml.test_test(fc, features, torch.tensor([4, 9])) == 0.5
+
+
+def test_features_cache_is_keyed_by_checkpoint(small_model, evaluation, tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    path = tmp_path / checkpoint_name(*SIZES, 0)
+    torch.save(small_model.state_dict(), path)
+    first = anml.cached_features(path, small_model, evaluation)
+    real = anml.gated_features
+    monkeypatch.setattr(anml, "gated_features", lambda *a: pytest.fail("recomputed although cached"))
+    torch.testing.assert_close(anml.cached_features(path, small_model, evaluation), first)
+    other = ANML(*SIZES)
+    torch.save(other.state_dict(), path)
+    monkeypatch.setattr(anml, "gated_features", real)
+    assert not torch.equal(anml.cached_features(path, other, evaluation), first)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(small_model, tmp_path_factory):
+    path = tmp_path_factory.mktemp("model") / checkpoint_name(*SIZES, 9)
+    torch.save(small_model.state_dict(), path)
+    return path
+
+
+def eval_cli(*args):
+    return subprocess.run([sys.executable, "eval_omni.py", *map(str, args)], cwd=REPO, capture_output=True,
+                          text=True, timeout=600)
+
+
+def test_end_to_end_with_sweep_json_and_plot(checkpoint, omniglot_root, tmp_path):
+    out, png = tmp_path / "r.json", tmp_path / "r.png"
+    result = eval_cli("-m", checkpoint, "-c", 5, 8, "-l", 0.001, 0.01, "-r", 2, "--select-runs", 2, "-d", "cpu",
+                      "--data-root", omniglot_root, "--out", out, "--plot", png)
+    assert result.returncode == 0, result.stderr
+    assert "Classes 5 Accuracy" in result.stdout and "Classes 8 Accuracy" in result.stdout
+    results = json.loads(out.read_text())
+    assert len(results["runs"]) == 2 * 2 * (2 + 2)
+    for run in results["runs"]:
+        assert 0 <= run["test_accuracy"] <= 1 and 0 <= run["train_accuracy"] <= 1
+    selection = {r["seed"] for r in results["runs"] if r["purpose"] == "select"}
+    reported = {r["seed"] for r in results["runs"] if r["purpose"] == "report"}
+    assert not selection & reported
+    assert [s["classes"] for s in results["summary"]] == [5, 8]
+    for s in results["summary"]:
+        assert s["lr"] in (0.001, 0.01) and s["chosen_on"] == "selection runs"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_seed_reproduces_runs(small_model, checkpoint, omniglot_root):
+    args = ["-m", str(checkpoint), "-c", "4", "-l", "0.002", "-r", "2", "-d", "cpu", "--data-root", str(omniglot_root)]
+    first = eval_omni.evaluate(eval_omni.parse_args(args + ["--seed", "1"]))["runs"]
+    again = eval_omni.evaluate(eval_omni.parse_args(args + ["--seed", "1"]))["runs"]
+    other = eval_omni.evaluate(eval_omni.parse_args(args + ["--seed", "2"]))["runs"]
+    assert first == again
+    assert [r["seed"] for r in first] != [r["seed"] for r in other]
+
+
+@pytest.mark.parametrize("args, words", [
+    (["-c", "660"], ["--classes 660", "1..659"]),
+    (["-c", "0"], ["--classes 0"]),
+    (["-t", "20"], ["--train-examples 20", "1..19"]),
+    (["-l", "0"], ["--lr 0.0", "positive"]),
+    (["-m", "trained_anmls/256_112_2304_ANML-12345.pth"], ["no such checkpoint"]),
+    (["-m", "README.md"], ["checkpoint name"]),
+])
+def test_bad_input_is_one_line_before_work(args, words, tmp_path):
+    result = eval_cli(*args, "--data-root", tmp_path / "nowhere")  # data is never reached
+    assert result.returncode != 0
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:"), result.stderr
+    for word in words:
+        assert word in lines[0]
