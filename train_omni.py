@@ -51,6 +51,31 @@ def run_settings(args: argparse.Namespace, saved: dict | None) -> dict:
     return {**saved, **given}
 
 
+def plot_training_log(out_dir: Path) -> Path | None:
+    """Draw OUT_DIR/training_log.csv as OUT_DIR/training_curve.png: outer loss and accuracy per iteration."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    log = np.loadtxt(out_dir / "training_log.csv", delimiter=",", skiprows=1, ndmin=2)
+    if not len(log):
+        return None
+    fig, (loss_ax, acc_ax) = plt.subplots(2, 1, sharex=True, figsize=(7, 5))
+    for ax, column, label in ((loss_ax, 1, "outer loss"), (acc_ax, 2, "outer accuracy")):
+        ax.plot(log[:, 0] + 1, log[:, column], lw=0.5, alpha=0.4)
+        window = min(100, len(log))  # a running mean shows the trend through the per-task noise
+        ax.plot(log[window - 1:, 0] + 1, np.convolve(log[:, column], np.ones(window) / window, "valid"), lw=1.5)
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    acc_ax.set_xlabel("meta-training iteration")
+    fig.tight_layout()
+    path = out_dir / "training_curve.png"
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def init_distributed(device: torch.device) -> torch.device:
     """Under torchrun, join the process group (gloo on CPU, nccl on CUDA) and return this worker's device."""
     if device.type == "cuda":
@@ -88,6 +113,8 @@ def main(argv: list[str] | None = None) -> None:
     except KeyboardInterrupt as stop:
         sys.exit(f"interrupted: {stop}")
     finally:
+        if anml.rank() == 0 and (args.out_dir / "training_log.csv").is_file():
+            plot_training_log(args.out_dir)
         if dist.is_initialized():
             dist.destroy_process_group()
     logging.info("done: %s", last)

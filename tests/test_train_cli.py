@@ -26,6 +26,7 @@ def test_three_iterations_write_a_loadable_checkpoint(tmp_path, omniglot_root):
     assert load_anml(path).fc.weight.shape == (1000, 144)
     log = (tmp_path / "training_log.csv").read_text().splitlines()
     assert log[0] == "iteration,outer_loss,outer_accuracy" and [r.split(",")[0] for r in log[1:]] == ["0", "1", "2"]
+    assert (tmp_path / "training_curve.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_resume_gives_the_uninterrupted_run(tmp_path, omniglot_root):
