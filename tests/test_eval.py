@@ -131,3 +131,18 @@ def test_bad_input_is_one_line_before_work(args, words, tmp_path):
     assert len(lines) == 1 and lines[0].startswith("error:"), result.stderr
     for word in words:
         assert word in lines[0]
+
+
+def test_checkpoint_of_other_sizes_is_one_line(tmp_path):
+    wrong = tmp_path / "32_8_288_ANML-1.pth"
+    torch.save(ANML(*SIZES).state_dict(), wrong)
+    result = eval_cli("-m", wrong, "-c", "5", "--data-root", tmp_path / "nowhere")
+    assert result.returncode != 0 and len(result.stderr.strip().splitlines()) == 1
+    assert "do not match an ANML(32, 8, 288)" in result.stderr
+
+
+@pytest.mark.skipif((REPO / eval_omni.SHIPPED_MODEL).is_file(), reason="the shipped model is there")
+def test_no_flags_without_the_shipped_model_says_so():
+    result = eval_cli()
+    assert result.returncode != 0
+    assert result.stderr.strip() == f"error: {eval_omni.SHIPPED_MODEL} is not there yet: train one with train_omni.py or pass --model"
