@@ -26,3 +26,12 @@ def background(omniglot_root):
 @pytest.fixture(scope="session")
 def evaluation(omniglot_root):
     return load_split(omniglot_root, "images_evaluation")
+
+
+def assert_one_line_error(result, *words):
+    """A command line refused its input: non-zero exit, one line on stderr naming the problem."""
+    assert result.returncode != 0
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:"), result.stderr
+    for word in words:
+        assert word in lines[0]

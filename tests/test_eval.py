@@ -9,7 +9,7 @@ import torch
 import anml
 import eval_omni
 from model import ANML, checkpoint_name
-from tests.conftest import REPO
+from tests.conftest import REPO, assert_one_line_error
 from tests.reference import plain_meta_test_run
 
 SIZES = (32, 16, 288)
@@ -126,19 +126,14 @@ def test_seed_reproduces_runs(small_model, checkpoint, omniglot_root):
 ])
 def test_bad_input_is_one_line_before_work(args, words, tmp_path):
     result = eval_cli(*args, "--data-root", tmp_path / "nowhere")  # data is never reached
-    assert result.returncode != 0
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error:"), result.stderr
-    for word in words:
-        assert word in lines[0]
+    assert_one_line_error(result, *words)
 
 
 def test_checkpoint_of_other_sizes_is_one_line(tmp_path):
     wrong = tmp_path / "32_8_288_ANML-1.pth"
     torch.save(ANML(*SIZES).state_dict(), wrong)
     result = eval_cli("-m", wrong, "-c", "5", "--data-root", tmp_path / "nowhere")
-    assert result.returncode != 0 and len(result.stderr.strip().splitlines()) == 1
-    assert "do not match an ANML(32, 8, 288)" in result.stderr
+    assert_one_line_error(result, "do not match an ANML(32, 8, 288)")
 
 
 @pytest.mark.skipif((REPO / eval_omni.SHIPPED_MODEL).is_file(), reason="the shipped model is there")

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from model import ANML, load_anml
-from tests.conftest import REPO
+from tests.conftest import REPO, assert_one_line_error
 
 SMALL = ["--rln", "16", "--nm", "8", "--mask", "144", "--seed", "3", "--log-every", "1", "-d", "cpu"]
 
@@ -41,14 +41,6 @@ def test_resume_gives_the_uninterrupted_run(tmp_path, omniglot_root):
     b = torch.load(parts / "16_8_144_ANML-4.pth", weights_only=True)
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert (whole / "training_log.csv").read_text() == (parts / "training_log.csv").read_text()
-
-
-def assert_one_line_error(result, *words):
-    assert result.returncode != 0
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error:"), result.stderr
-    for word in words:
-        assert word in lines[0]
 
 
 def test_missing_data_root(tmp_path):
