@@ -109,11 +109,21 @@ def test_two_workers_step_on_the_mean_meta_gradient(tmp_path, omniglot_root, bac
     assert all(torch.equal(steps[0]["before"][k], steps[1]["before"][k]) for k in steps[0]["before"])
     model = ANML(16, 8, 144)
     model.load_state_dict(steps[0]["before"])
-    per_task = [meta_gradient(copy.deepcopy(model), background, s["traj"], s["remember"]) for s in steps]
+    # Adam's first step is lr * sign(gradient) wherever the gradient is rounding noise, so compute the reference
+    # with the workers' thread count, whose reductions round the same way.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        per_task = [meta_gradient(copy.deepcopy(model), background, s["traj"], s["remember"]) for s in steps]
+    finally:
+        torch.set_num_threads(threads)
     opt = torch.optim.Adam(model.parameters(), lr=SETTINGS["outer_lr"])
     for p, g0, g1 in zip(model.parameters(), *per_task):
         p.grad = (g0 + g1) / 2
     opt.step()
     for r in (0, 1):
         for name, value in model.state_dict().items():
-            torch.testing.assert_close(steps[r]["after"][name], value, rtol=1e-5, atol=1e-6, msg=name)
+            # A conv bias feeds an instance norm: its true gradient is zero, what is computed is rounding noise,
+            # and Adam turns noise into steps of up to lr either way. Bound those by the step size.
+            atol = 2 * SETTINGS["outer_lr"] if name.endswith("conv.bias") else 1e-6
+            torch.testing.assert_close(steps[r]["after"][name], value, rtol=1e-5, atol=atol, msg=name)
