@@ -161,11 +161,12 @@ def main(argv: list[str] | None = None) -> None:
         results = evaluate(args)
     except (OSError, ValueError) as err:
         sys.exit(f"error: {err}")
-    print(report(results))
+    # Files first: a closed pipe on stdout (| head) must not lose them.
     if args.out:
         args.out.write_text(json.dumps(results, indent=1))
     if args.plot:
         plot(results, args.plot)
+    print(report(results))
 
 
 if __name__ == "__main__":
