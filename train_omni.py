@@ -64,8 +64,9 @@ def plot_training_log(out_dir: Path) -> Path | None:
     fig, (loss_ax, acc_ax) = plt.subplots(2, 1, sharex=True, figsize=(7, 5))
     for ax, column, label in ((loss_ax, 1, "outer loss"), (acc_ax, 2, "outer accuracy")):
         ax.plot(log[:, 0] + 1, log[:, column], lw=0.5, alpha=0.4)
-        window = min(100, len(log))  # a running mean shows the trend through the per-task noise
-        ax.plot(log[window - 1:, 0] + 1, np.convolve(log[:, column], np.ones(window) / window, "valid"), lw=1.5)
+        window = min(20, len(log))  # a centred running mean shows the trend through the per-task noise
+        smooth = np.convolve(log[:, column], np.ones(window) / window, "valid")
+        ax.plot(log[window // 2:window // 2 + len(smooth), 0] + 1, smooth, lw=1.5)
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
     acc_ax.set_xlabel("meta-training iteration")
