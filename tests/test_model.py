@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from model import ANML, checkpoint_name, load_anml, parse_checkpoint_name
+from model import ANML, ConvBlock, checkpoint_name, load_anml, parse_checkpoint_name
 
 SPEC_SHAPES = {
     **{f"{net}.convBlock{i}.{part}": None for net in ("rln", "nm") for i in (1, 2, 3)
@@ -36,6 +36,21 @@ def test_instance_norm_makes_each_image_independent_of_its_batch():
     model = ANML(16, 8, 144)
     x = torch.rand(4, 1, 28, 28)
     torch.testing.assert_close(model(x)[1:2], model(x[1:2]))
+
+
+def test_norm_is_the_specs_instance_norm():
+    block = ConvBlock(3, 5)
+    with torch.no_grad():
+        block.norm.weight.uniform_(0.5, 2)
+        block.norm.bias.uniform_(-1, 1)
+    spec = torch.nn.InstanceNorm2d(5, affine=True)
+    spec.load_state_dict(block.norm.state_dict())
+    x = torch.randn(4, 5, 9, 9, requires_grad=True)
+    ours, theirs = block.norm(x), spec(x)
+    torch.testing.assert_close(ours, theirs)
+    grad = torch.randn_like(ours)
+    torch.testing.assert_close(torch.autograd.grad(ours, [x, *block.norm.parameters()], grad),
+                               torch.autograd.grad(theirs, [x, *spec.parameters()], grad))
 
 
 def test_mask_must_match_rln():
