@@ -82,15 +82,19 @@ def evaluate(args: argparse.Namespace) -> dict:
     data = load_split(find_root(args.data_root, download=not args.no_download), "images_evaluation")
     features = anml.cached_features(args.model, model, data)
     lrs = {n: args.lr or [published_lr(n)] for n in args.classes}
-    plan = [(n, lr, purpose, run) for n in args.classes for lr in lrs[n]
+    plan = [(n, lr, purpose, count) for n in args.classes for lr in lrs[n]
             for purpose, count in (("select", args.select_runs if len(lrs[n]) > 1 else 0), ("report", args.runs))
-            for run in range(count)]
+            if count]
     runs = []
-    for n, lr, purpose, run in tqdm(plan, desc="meta-test runs"):
-        seed = run_seed(args.seed, purpose, n, run)
-        test, train, _ = anml.meta_test_run(model, features, data, n, lr, args.train_examples, seed)
-        runs.append({"classes": n, "lr": lr, "purpose": purpose, "run": run, "seed": seed,
-                     "test_accuracy": test, "train_accuracy": train})
+    with tqdm(total=sum(count for *_, count in plan), desc="meta-test runs") as progress:
+        for n, lr, purpose, count in plan:
+            seeds = [run_seed(args.seed, purpose, n, run) for run in range(count)]
+            result = anml.meta_test_runs(model, features, data, n, lr, seeds, args.train_examples)
+            for run, (seed, test, train) in enumerate(zip(seeds, result.test_accuracy.tolist(),
+                                                          result.train_accuracy.tolist())):
+                runs.append({"classes": n, "lr": lr, "purpose": purpose, "run": run, "seed": seed,
+                             "test_accuracy": test, "train_accuracy": train})
+            progress.update(count)
     return {"model": str(args.model), "train_examples": args.train_examples, "seed": args.seed,
             "runs": runs, "summary": summarise(runs, lrs)}
 

@@ -32,34 +32,54 @@ def test_gated_features_are_the_models(small_model, small_features, evaluation):
         torch.testing.assert_close(small_features[[0, 777, 13179]], small_model.features(x))
 
 
-def test_fast_run_matches_the_plain_protocol(small_model, small_features, evaluation):
-    """Same classes, splits, orders and init: the same fc weights and accuracies."""
+def test_fast_runs_match_the_plain_protocol(small_model, small_features, evaluation):
+    """Same classes, splits, orders and init: the same fc weights and accuracies, run by run of a batch."""
     for n_classes, lr in ((3, 0.001), (6, 0.003)):
-        test, train, fc = anml.meta_test_run(small_model, small_features, evaluation, n_classes, lr, seed=11)
-        plain_test, plain_train, plain_fc = plain_meta_test_run(copy.deepcopy(small_model), evaluation, n_classes, lr,
-                                                                seed=11)
-        for a, b in ((fc.weight, plain_fc.weight), (fc.bias, plain_fc.bias)):
-            assert (a - b).norm() / b.norm() < 1e-4
-        assert (test, train) == pytest.approx((plain_test, plain_train), abs=1e-6)
-        assert not torch.equal(fc.weight, small_model.fc.weight)
+        fast = anml.meta_test_runs(small_model, small_features, evaluation, n_classes, lr, seeds=[11, 12])
+        for run, seed in enumerate([11, 12]):
+            test, train, fc = plain_meta_test_run(copy.deepcopy(small_model), evaluation, n_classes, lr, seed=seed)
+            for a, b in ((fast.weight[run], fc.weight), (fast.bias[run], fc.bias)):
+                assert (a - b).norm() / b.norm() < 1e-4
+            assert (fast.test_accuracy[run].item(), fast.train_accuracy[run].item()) == pytest.approx((test, train),
+                                                                                                       abs=1e-6)
+        assert not torch.equal(fast.weight[0], small_model.fc.weight)
 
 
-def test_fc_bias_stays_as_loaded_and_weight_is_redrawn(small_model):
+def test_runs_trained_together_equal_runs_trained_alone(small_features):
+    """The batched path that CUDA takes, checked here against one run at a time (the CPU path)."""
     g = torch.Generator().manual_seed(0)
-    fc = anml.fresh_fc(small_model, g)
-    assert torch.equal(fc.bias, small_model.fc.bias)
-    assert not torch.equal(fc.weight, small_model.fc.weight)
-    assert abs(fc.weight.std().item() - (2 / SIZES[2]) ** 0.5) < 0.05 * (2 / SIZES[2]) ** 0.5
+    features = small_features[torch.randperm(len(small_features), generator=g)[:3 * 4 * 15]].view(3, 4, 15, -1)
+    labels = torch.randint(0, 1000, (3, 4), generator=g)
+    weight, bias = torch.randn(3, 1000, SIZES[2], generator=g) * 0.05, torch.randn(3, 1000, generator=g) * 0.05
+    alone_weight, alone_bias = weight.clone(), bias.clone()
+    anml.test_train(weight, bias, features, labels, 0.002)
+    for run in range(3):
+        part = slice(run, run + 1)
+        anml.test_train(alone_weight[part], alone_bias[part], features[part], labels[part], 0.002)
+    torch.testing.assert_close(weight, alone_weight)
+    torch.testing.assert_close(bias, alone_bias)
+    assert not torch.equal(weight[0], weight[1])
+    torch.testing.assert_close(anml.test_test(weight, bias, features, labels),
+                               torch.cat([anml.test_test(alone_weight[r:r + 1], alone_bias[r:r + 1], features[r:r + 1],
+                                                         labels[r:r + 1]) for r in range(3)]))
+
+
+def test_fc_bias_stays_as_loaded_and_weight_is_redrawn(small_model, small_features, evaluation):
+    g = torch.Generator().manual_seed(0)
+    weight = anml.fresh_fc_weight(small_model, g)
+    assert not torch.equal(weight, small_model.fc.weight)
+    assert abs(weight.std().item() - (2 / SIZES[2]) ** 0.5) < 0.05 * (2 / SIZES[2]) ** 0.5
+    untrained = anml.meta_test_runs(small_model, small_features, evaluation, 3, lr=1e-30, seeds=[0])
+    torch.testing.assert_close(untrained.bias[0], small_model.fc.bias.detach())
 
 
 def test_test_test_averages_over_classes():
-    fc = torch.nn.Linear(2, 1000)
-    with torch.no_grad():
-        fc.weight.zero_()
-        fc.bias.zero_()
-        fc.bias[4] = 1  # always predicts class 4
-    features = torch.zeros(2, 5, 2)
-    assert anml.test_test(fc, features, torch.tensor([4, 9])) == 0.5
+    weight, bias = torch.zeros(2, 1000, 2), torch.zeros(2, 1000)
+    bias[0, 4] = 1  # run 0 always predicts class 4
+    bias[1, 9] = 1  # run 1 always predicts class 9
+    features = torch.zeros(2, 3, 5, 2)
+    labels = torch.tensor([[4, 9, 9], [4, 9, 9]])
+    assert anml.test_test(weight, bias, features, labels).tolist() == pytest.approx([1 / 3, 2 / 3])
 
 
 def test_features_cache_is_keyed_by_checkpoint(small_model, evaluation, tmp_path, monkeypatch):
