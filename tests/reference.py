@@ -31,7 +31,7 @@ def plain_meta_test_run(model: ANML, data, n_classes: int, lr: float, n_train: i
                         seed: int = 0) -> tuple[float, float, torch.nn.Linear]:
     """Meta-testing as the spec states it: the whole model, NM and RLN frozen, one Adam step on fc per drawing.
 
-    Draws its randomness in the order of anml.meta_test_run: the splits, then the fc weight.
+    Draws its randomness in the order of anml.meta_test_runs: the splits, then the fc weight.
     """
     from datasets import sample_meta_test
 
