@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from model import ANML, ConvBlock, checkpoint_name, load_anml, parse_checkpoint_name
+from model import ANML, ConvBlock, checkpoint_name, max_pool, load_anml, parse_checkpoint_name
 
 SPEC_SHAPES = {
     **{f"{net}.convBlock{i}.{part}": None for net in ("rln", "nm") for i in (1, 2, 3)
@@ -51,6 +51,12 @@ def test_norm_is_the_specs_instance_norm():
     grad = torch.randn_like(ours)
     torch.testing.assert_close(torch.autograd.grad(ours, [x, *block.norm.parameters()], grad),
                                torch.autograd.grad(theirs, [x, *spec.parameters()], grad))
+
+
+@pytest.mark.parametrize("size", [26, 11, 3])
+def test_max_pool_without_autograd_is_max_pool2d(size):
+    x = torch.randn(2, 4, size, size)
+    assert torch.equal(max_pool(x), torch.nn.functional.max_pool2d(x, 2))
 
 
 def test_mask_must_match_rln():
