@@ -1,6 +1,6 @@
-"""Seconds for meta-test runs: this project's path (features once, then the runs' fc layers trained together as
-one batch) against the plain protocol (the whole model, one Adam step per drawing), on the same default-size
-model and classes.
+"""Seconds for meta-test runs: this project's path (features once, then Adam on each run's fc layer: the runs
+together on CUDA, one after another on a CPU) against the plain protocol (the whole model, one Adam step per
+drawing), on the same default-size model and classes.
 
     OMNIGLOT_ROOT=../shared/omniglot python benchmarks/meta_test.py [--classes 600] [--runs 10] [--plain-runs 1]
 
