@@ -6,6 +6,8 @@ import argparse
 import hashlib
 import json
 import logging
+import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -63,6 +65,10 @@ def check_args(args: argparse.Namespace) -> None:
     parse_checkpoint_name(args.model)
     if not args.model.is_file():
         raise FileNotFoundError(f"{args.model}: no such checkpoint; check the path")
+    cxx = os.environ.get("CXX", "g++")  # where torch.compile looks for the compiler of its CPU kernels
+    if anml.resolve_device(args.device).type == "cpu" and shutil.which(cxx) is None:
+        raise FileNotFoundError(f"meta-testing on the CPU compiles its Adam step with torch.compile, which needs a "
+                                f"C++ compiler, and {cxx} is not there: install g++ or set CXX to one")
 
 
 def run_seed(seed: int, purpose: str, n_classes: int, run: int) -> int:

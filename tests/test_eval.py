@@ -1,10 +1,12 @@
 import copy
 import json
+import os
 import subprocess
 import sys
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import anml
 import eval_omni
@@ -43,6 +45,28 @@ def test_fast_runs_match_the_plain_protocol(small_model, small_features, evaluat
             assert (fast.test_accuracy[run].item(), fast.train_accuracy[run].item()) == pytest.approx((test, train),
                                                                                                        abs=1e-6)
         assert not torch.equal(fast.weight[0], small_model.fc.weight)
+
+
+def test_fc_adam_step_is_torch_adam_on_the_cross_entropy():
+    g = torch.Generator().manual_seed(0)
+    fc, lr = torch.nn.Linear(8, 1000), 0.01
+    xs, ys = torch.rand(4, 1, 8, generator=g), torch.tensor([[3], [3], [7], [1]])
+    weight, bias = fc.weight.detach().clone().unsqueeze(0), fc.bias.detach().clone().unsqueeze(0)
+    start = weight.clone()
+    moments = tuple(torch.zeros_like(t) for t in (weight, weight, bias, bias))
+    opt = torch.optim.Adam(fc.parameters(), lr=lr)
+    logits = fc(xs[0]).detach()
+    for t in range(3):
+        step = t + 1
+        logits = anml.fc_adam_step(weight, bias, moments, logits, xs[t], ys[t], xs[t + 1],
+                                   torch.tensor(lr / (1 - 0.9 ** step)), torch.tensor((1 - 0.999 ** step) ** 0.5))
+        opt.zero_grad()
+        F.cross_entropy(fc(xs[t]), ys[t]).backward()
+        opt.step()
+        torch.testing.assert_close(weight[0], fc.weight.detach())
+        torch.testing.assert_close(bias[0], fc.bias.detach())
+        torch.testing.assert_close(logits, fc(xs[t + 1]).detach())
+    assert (weight - start).abs().max() > lr
 
 
 def test_runs_trained_together_equal_runs_trained_alone(small_features):
@@ -147,6 +171,13 @@ def test_seed_reproduces_runs(small_model, checkpoint, omniglot_root):
 def test_bad_input_is_one_line_before_work(args, words, tmp_path):
     result = eval_cli(*args, "--data-root", tmp_path / "nowhere")  # data is never reached
     assert_one_line_error(result, *words)
+
+
+def test_missing_compiler_is_one_line_before_work(checkpoint, tmp_path):
+    result = subprocess.run([sys.executable, "eval_omni.py", "-m", str(checkpoint), "-d", "cpu", "--data-root",
+                             str(tmp_path / "nowhere")], cwd=REPO, capture_output=True, text=True, timeout=600,
+                            env={**os.environ, "CXX": "/nowhere/g++"})
+    assert_one_line_error(result, "C++ compiler", "/nowhere/g++")
 
 
 def test_checkpoint_of_other_sizes_is_one_line(tmp_path):
