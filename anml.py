@@ -401,8 +401,8 @@ def meta_test_runs(model: ANML, features: torch.Tensor, data: Omniglot, n_classe
     labels = data.labels.to(features.device)[train_idx[:, :, 0]]
     test, train = torch.empty(len(seeds)), torch.empty(len(seeds))
     # On a GPU a step of one run is too small to fill the device: the runs advance together and share each
-    # step's kernel launches; on a CPU one run at a time is faster (measured 1.1-1.5x): more of its 37 MB of weights,
-    # gradient and moments stays in cache between steps.
+    # step's kernel launches; on a CPU one run at a time was faster (measured 1.1-1.5x, with the eager step before
+    # fc_adam_step was compiled): more of its 37 MB of weights, gradient and moments stays in cache between steps.
     batch = len(seeds) if features.device.type == "cuda" else 1
     for start in range(0, len(seeds), batch):
         runs = slice(start, start + batch)
