@@ -358,8 +358,10 @@ def test_train(weight: torch.Tensor, bias: torch.Tensor, features: torch.Tensor,
     order; labels [runs, classes].
     """
     moments = tuple(torch.zeros_like(t) for t in (weight, weight, bias, bias))
-    xs = features.flatten(1, 2).unbind(1)
-    ys = labels.repeat_interleave(features.shape[2], 1).unbind(1)
+    # Contiguous per step: compiled code is specialised to its inputs' strides, and a run-major slice's stride
+    # depends on the class count, which made every class count of a sweep compile anew (past dynamo's limit of 8).
+    xs = features.flatten(1, 2).transpose(0, 1).contiguous().unbind()
+    ys = labels.repeat_interleave(features.shape[2], 1).t().contiguous().unbind()
     # Adam's bias corrections, in float64 as torch.optim.Adam computes them; here rather than in the step, where the
     # compiled loop recomputed them for every element (2-4x slower); on the device, so that no step waits for a copy.
     steps = torch.arange(1, len(xs) + 1, dtype=torch.float64)

@@ -88,6 +88,22 @@ def test_runs_trained_together_equal_runs_trained_alone(small_features):
                                                          labels[r:r + 1]) for r in range(3)]))
 
 
+def test_runs_trained_together_compile_once_for_every_class_count():
+    """A sweep on CUDA trains its runs together: its class counts must share one compiled step per batch size.
+    They did not (each count's slices had other strides), and a full table hit dynamo's recompile limit."""
+    g = torch.Generator().manual_seed(0)
+    torch._dynamo.reset()
+    try:
+        with torch._dynamo.config.patch(recompile_limit=1):
+            for n_classes in (2, 3, 5):
+                weight, bias = torch.zeros(2, 1000, 16), torch.zeros(2, 1000)
+                anml.test_train(weight, bias, torch.rand(2, n_classes, 15, 16, generator=g),
+                                torch.randint(0, 1000, (2, n_classes), generator=g), 0.001)
+                assert weight.abs().sum() > 0
+    finally:
+        torch._dynamo.reset()
+
+
 def test_fc_bias_stays_as_loaded_and_weight_is_redrawn(small_model, small_features, evaluation):
     g = torch.Generator().manual_seed(0)
     weight = anml.fresh_fc_weight(small_model, g)
