@@ -33,7 +33,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("-d", "--device", choices=["cpu", "cuda"], help="default: cuda where available, else cpu")
     p.add_argument("--data-root", type=Path, help="folder holding omniglot-py/ (default $OMNIGLOT_ROOT, else ./data)")
     p.add_argument("--no-download", action="store_true", help="never download Omniglot; fail if it is absent")
-    p.add_argument("--out-dir", type=Path, default=Path("trained_anmls"), help="where checkpoints go (default trained_anmls/)")
+    p.add_argument("--out-dir", type=Path, default=Path("runs"), help="where checkpoints and the log go (default runs/)")
     p.add_argument("--resume", type=Path, metavar="CHECKPOINT",
                    help="continue the run saved as CHECKPOINT (its .state.pth must sit beside it)")
     return p.parse_args(argv)
@@ -49,6 +49,13 @@ def run_settings(args: argparse.Namespace, saved: dict | None) -> dict:
             flag = "--" + key.replace("_", "-")
             raise ValueError(f"{flag} {value} differs from the resumed run's {saved[key]}; drop {flag} to resume it")
     return {**saved, **given}
+
+
+def check_new_out_dir(out_dir: Path) -> None:
+    """A new run must not overwrite another run's log and checkpoints (the shipped model's, for one)."""
+    if (out_dir / "training_log.csv").exists():
+        raise ValueError(f"{out_dir} already holds a run (training_log.csv); continue it with --resume CHECKPOINT, "
+                         f"or start a new run with another --out-dir")
 
 
 def plot_training_log(out_dir: Path) -> Path | None:
@@ -92,7 +99,10 @@ def init_distributed(device: torch.device) -> torch.device:
 def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     args = parse_args(argv)
+    started = False
     try:
+        if not args.resume:  # before torchrun's rendezvous, so that no worker can have begun the log yet
+            check_new_out_dir(args.out_dir)
         device = anml.resolve_device(args.device)
         if dist.is_torchelastic_launched():
             device = init_distributed(device)
@@ -108,13 +118,14 @@ def main(argv: list[str] | None = None) -> None:
         anml.keep_freed_memory()
         if anml.world_size() > 1:
             logging.info("meta-batch of %d tasks, one per worker", anml.world_size())
+        started = True
         last = anml.train(model, outer_opt, data, args.out_dir, settings, start)
     except (OSError, ValueError) as err:
         sys.exit(f"error: {err}")
     except KeyboardInterrupt as stop:
         sys.exit(f"interrupted: {stop}")
     finally:
-        if anml.rank() == 0 and (args.out_dir / "training_log.csv").is_file():
+        if started and anml.rank() == 0 and (args.out_dir / "training_log.csv").is_file():
             plot_training_log(args.out_dir)
         if dist.is_initialized():
             dist.destroy_process_group()

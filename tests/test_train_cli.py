@@ -43,6 +43,14 @@ def test_resume_gives_the_uninterrupted_run(tmp_path, omniglot_root):
     assert (whole / "training_log.csv").read_text() == (parts / "training_log.csv").read_text()
 
 
+def test_new_run_leaves_a_folder_holding_a_run_untouched(tmp_path, omniglot_root):
+    train_omni(*SMALL, "--epochs", 1, "--data-root", omniglot_root, "--out-dir", tmp_path)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    result = train_omni(*SMALL, "--epochs", 1, "--data-root", omniglot_root, "--out-dir", tmp_path, check=False)
+    assert_one_line_error(result, "training_log.csv", "--resume")
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+
+
 def test_missing_data_root(tmp_path):
     result = train_omni("--data-root", tmp_path / "nowhere", "--no-download", "--out-dir", tmp_path, check=False)
     assert_one_line_error(result, "nowhere", "--data-root")
