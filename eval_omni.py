@@ -60,8 +60,6 @@ def check_args(args: argparse.Namespace) -> None:
             raise ValueError(f"--lr {lr} is not a positive learning rate")
     if args.runs < 1 or args.select_runs < 1:
         raise ValueError("--runs and --select-runs must be at least 1")
-    if args.model == SHIPPED_MODEL and not args.model.is_file():
-        raise FileNotFoundError(f"{SHIPPED_MODEL} is not there yet: train one with train_omni.py or pass --model")
     parse_checkpoint_name(args.model)
     if not args.model.is_file():
         raise FileNotFoundError(f"{args.model}: no such checkpoint; check the path")

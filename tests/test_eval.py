@@ -201,10 +201,3 @@ def test_checkpoint_of_other_sizes_is_one_line(tmp_path):
     torch.save(ANML(*SIZES).state_dict(), wrong)
     result = eval_cli("-m", wrong, "-c", "5", "--data-root", tmp_path / "nowhere")
     assert_one_line_error(result, "do not match an ANML(32, 8, 288)")
-
-
-@pytest.mark.skipif((REPO / eval_omni.SHIPPED_MODEL).is_file(), reason="the shipped model is there")
-def test_no_flags_without_the_shipped_model_says_so():
-    result = eval_cli()
-    assert result.returncode != 0
-    assert result.stderr.strip() == f"error: {eval_omni.SHIPPED_MODEL} is not there yet: train one with train_omni.py or pass --model"
