@@ -14,9 +14,10 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-import anml
-from datasets import find_root, load_split
-from model import load_anml, parse_checkpoint_name
+import meta_test
+import runtime
+from checkpoints import load_anml, parse_checkpoint_name
+from datasets import DataNotFoundError, find_root, load_split
 
 SHIPPED_MODEL = Path("trained_anmls/256_112_2304_ANML-29999.pth")
 # The published table (test accuracy, 10 runs, the 30,000-iteration model) and its learning rates.
@@ -64,7 +65,7 @@ def check_args(args: argparse.Namespace) -> None:
     if not args.model.is_file():
         raise FileNotFoundError(f"{args.model}: no such checkpoint; check the path")
     cxx = os.environ.get("CXX", "g++")  # where torch.compile looks for the compiler of its CPU kernels
-    if anml.resolve_device(args.device).type == "cpu" and shutil.which(cxx) is None:
+    if runtime.resolve_device(args.device).type == "cpu" and shutil.which(cxx) is None:
         raise FileNotFoundError(f"meta-testing on the CPU compiles its Adam step with torch.compile, which needs a "
                                 f"C++ compiler, and {cxx} is not there: install g++ or set CXX to one")
 
@@ -80,11 +81,11 @@ def mean_std(values: list[float]) -> tuple[float, float]:
 
 def evaluate(args: argparse.Namespace) -> dict:
     """Every run of the sweep, and per class count the chosen rate and its figures."""
-    device = anml.resolve_device(args.device)
-    anml.keep_freed_memory()
+    device = runtime.resolve_device(args.device)
+    runtime.keep_freed_memory()
     model = load_anml(args.model, device).eval()
     data = load_split(find_root(args.data_root, download=not args.no_download), "images_evaluation")
-    features = anml.cached_features(args.model, model, data)
+    features = meta_test.cached_features(args.model, model, data)
     lrs = {n: args.lr or [published_lr(n)] for n in args.classes}
     plan = [(n, lr, purpose, count) for n in args.classes for lr in lrs[n]
             for purpose, count in (("select", args.select_runs if len(lrs[n]) > 1 else 0), ("report", args.runs))
@@ -93,7 +94,7 @@ def evaluate(args: argparse.Namespace) -> dict:
     with tqdm(total=sum(count for *_, count in plan), desc="meta-test runs") as progress:
         for n, lr, purpose, count in plan:
             seeds = [run_seed(args.seed, purpose, n, run) for run in range(count)]
-            result = anml.meta_test_runs(model, features, data, n, lr, seeds, args.train_examples)
+            result = meta_test.meta_test_runs(model, features, data, n, lr, seeds, args.train_examples)
             for run, (seed, test, train) in enumerate(zip(seeds, result.test_accuracy.tolist(),
                                                           result.train_accuracy.tolist())):
                 runs.append({"classes": n, "lr": lr, "purpose": purpose, "run": run, "seed": seed,
@@ -167,6 +168,9 @@ def main(argv: list[str] | None = None) -> None:
     try:
         check_args(args)
         results = evaluate(args)
+    except DataNotFoundError as err:
+        sys.exit(f"error: {err}; point --data-root or OMNIGLOT_ROOT at the folder holding omniglot-py/"
+                 + (", or drop --no-download to fetch it" if args.no_download else ""))
     except (OSError, ValueError) as err:
         sys.exit(f"error: {err}")
     # Files first: a closed pipe on stdout (| head) must not lose them.

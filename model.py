@@ -1,15 +1,11 @@
 """The ANML network: a representation network (RLN) gated element-wise by a neuromodulatory network (NM)."""
 from __future__ import annotations
 
-import re
-from pathlib import Path
-
 import torch
 from torch import nn
 import torch.nn.functional as F
 
 N_OUTPUTS = 1000
-CHECKPOINT_NAME = re.compile(r"^(\d+)_(\d+)_(\d+)_ANML-(\d+)\.pth$")
 
 
 class ConvBlock(nn.Module):
@@ -96,30 +92,8 @@ class Plastic(nn.Module):
         return self.fc(self.rln(x) * gate)
 
 
-def checkpoint_name(rln_chs: int, nm_chs: int, mask_size: int, iteration: int) -> str:
-    return f"{rln_chs}_{nm_chs}_{mask_size}_ANML-{iteration}.pth"
-
-
-def parse_checkpoint_name(path: Path) -> tuple[int, int, int, int]:
-    """(rln_chs, nm_chs, mask_size, iteration) from a name such as 256_112_2304_ANML-29999.pth."""
-    match = CHECKPOINT_NAME.match(Path(path).name)
-    if match is None:
-        raise ValueError(f"{path}: checkpoint name must look like 256_112_2304_ANML-29999.pth (RLN_NM_MASK_ANML-ITER.pth); rename it")
-    rln, nm, mask, iteration = map(int, match.groups())
-    return rln, nm, mask, iteration
-
-
-def load_anml(path: Path, device: torch.device | str = "cpu") -> ANML:
-    """An ANML of the sizes in the checkpoint's name, with the checkpoint's weights."""
-    path = Path(path)
-    rln, nm, mask, _ = parse_checkpoint_name(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such checkpoint; check the path, or train one with train_omni.py")
-    model = ANML(rln, nm, mask)
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as err:
-        raise ValueError(f"{path}: weights do not match an ANML({rln}, {nm}, {mask}) as its name says: "
-                         f"{str(err).splitlines()[0]}") from None
-    return model.to(device)
+def kaiming_conv_init(model: ANML) -> None:
+    """Re-draw every conv weight of RLN and NM Kaiming-normal (biases untouched), as the authors' later code does."""
+    for module in (*model.rln.modules(), *model.nm.modules()):
+        if isinstance(module, nn.Conv2d):
+            nn.init.kaiming_normal_(module.weight)

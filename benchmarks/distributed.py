@@ -20,25 +20,22 @@ import torch.multiprocessing as mp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import anml  # noqa: E402
-from datasets import find_root, load_split, sample_meta_train  # noqa: E402
-from train_omni import DEFAULTS  # noqa: E402
+import runtime  # noqa: E402
+from anml import RunConfig, RunState  # noqa: E402
+from datasets import find_root, load_split  # noqa: E402
 
 
 def worker(rank: int, workers: int, iterations: int, store: str, result: mp.SimpleQueue) -> None:
     torch.set_num_threads(max(1, os.cpu_count() // workers))
     if workers > 1:
         dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=workers)
-    anml.keep_freed_memory()
+    runtime.keep_freed_memory()
     data = load_split(find_root(), "images_background")
-    model, opt = anml.new_run(DEFAULTS, torch.device("cpu"))
+    state = RunState.fresh(RunConfig(), torch.device("cpu"))
     for it in range(iterations + 1):
         if it == 1:  # the first iteration warms up
             start = time.perf_counter()
-        traj, remember = sample_meta_train(data)
-        cls = int(data.labels[traj[0]])
-        anml.lobotomize(model, cls)
-        anml.share_lobotomies(model, cls)
-        anml.meta_step(model, opt, *data.batch(traj), *data.batch(remember))
+        anml.meta_iteration(state.model, state.optimizer, data, state.config.inner_lr)
     if rank == 0:
         result.put(iterations / (time.perf_counter() - start))
     if workers > 1:

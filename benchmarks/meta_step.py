@@ -15,9 +15,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import anml  # noqa: E402
+import runtime  # noqa: E402
 from datasets import find_root, load_split, sample_meta_train  # noqa: E402
 from model import ANML  # noqa: E402
-from tests.reference import plain_meta_step  # noqa: E402
 
 
 def seconds_per_step(step, model, tasks, device) -> float:
@@ -37,8 +37,8 @@ def main() -> None:
     p.add_argument("--iterations", type=int, default=5, help="timed iterations per path (plus one warm-up)")
     p.add_argument("-d", "--device", choices=["cpu", "cuda"])
     args = p.parse_args()
-    device = anml.resolve_device(args.device)
-    anml.keep_freed_memory()
+    device = runtime.resolve_device(args.device)
+    runtime.keep_freed_memory()
     data = load_split(find_root(), "images_background").to(device)
     torch.manual_seed(0)
     tasks = []
@@ -49,12 +49,12 @@ def main() -> None:
 
     fast, plain = copy.deepcopy(model), copy.deepcopy(model)
     anml.meta_step(fast, torch.optim.SGD(fast.parameters(), lr=1.0), *tasks[0])
-    plain_meta_step(plain, torch.optim.SGD(plain.parameters(), lr=1.0), *tasks[0])
+    anml.plain_meta_step(plain, torch.optim.SGD(plain.parameters(), lr=1.0), *tasks[0])
     worst, worst_name = max((((a - b).norm() / b.norm()).item(), name) for (name, a), b in
                             zip(fast.named_parameters(), plain.parameters()) if not name.endswith("conv.bias"))
 
     t_fast = seconds_per_step(anml.meta_step, copy.deepcopy(model), tasks, device)
-    t_plain = seconds_per_step(plain_meta_step, copy.deepcopy(model), tasks, device)
+    t_plain = seconds_per_step(anml.plain_meta_step, copy.deepcopy(model), tasks, device)
     print(f"device {device}, {torch.get_num_threads()} threads, median of {args.iterations} iterations")
     print(f"plain higher loop  {t_plain:.3f} s/iteration")
     print(f"anml.meta_step     {t_fast:.3f} s/iteration")

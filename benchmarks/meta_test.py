@@ -18,10 +18,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-import anml  # noqa: E402
+import meta_test  # noqa: E402
+import runtime  # noqa: E402
 from datasets import find_root, load_split  # noqa: E402
 from model import ANML  # noqa: E402
-from tests.reference import plain_meta_test_run  # noqa: E402
 
 
 def main() -> None:
@@ -31,8 +31,8 @@ def main() -> None:
     p.add_argument("--plain-runs", type=int, default=1)
     p.add_argument("-d", "--device", choices=["cpu", "cuda"])
     args = p.parse_args()
-    device = anml.resolve_device(args.device)
-    anml.keep_freed_memory()
+    device = runtime.resolve_device(args.device)
+    runtime.keep_freed_memory()
     data = load_split(find_root(), "images_evaluation").to(device)
     torch.manual_seed(0)
     model = ANML().to(device).eval()
@@ -45,11 +45,11 @@ def main() -> None:
         return time.perf_counter() - start
 
     features = []
-    t_features = timed(lambda: features.append(anml.gated_features(model, data)))
+    t_features = timed(lambda: features.append(meta_test.gated_features(model, data)))
     seeds = list(range(args.runs))
-    t_fast = timed(lambda: anml.meta_test_runs(model, features[0], data, args.classes, 0.001, seeds))
-    t_plain = timed(lambda: [plain_meta_test_run(copy.deepcopy(model), data, args.classes, 0.001, seed=run)
-                             for run in range(args.plain_runs)]) / args.plain_runs
+    t_fast = timed(lambda: meta_test.meta_test_runs(model, features[0], data, args.classes, 0.001, seeds))
+    t_plain = timed(lambda: [meta_test.plain_meta_test_run(copy.deepcopy(model), data, args.classes, 0.001,
+                                                           seed=run) for run in range(args.plain_runs)]) / args.plain_runs
     fast_total, plain_total = t_features + t_fast, t_plain * args.runs
     print(f"device {device}, {torch.get_num_threads()} threads, {args.classes} classes")
     print(f"plain protocol   {t_plain:.1f} s/run (timed over {args.plain_runs} run(s)); "

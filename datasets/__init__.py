@@ -1,3 +1,4 @@
-from datasets.omniglot import (Omniglot, find_root, load_split, sample_meta_test, sample_meta_train)
+from datasets.omniglot import (DataNotFoundError, Omniglot, find_root, load_split, sample_meta_test,
+                               sample_meta_train)
 
-__all__ = ["Omniglot", "find_root", "load_split", "sample_meta_test", "sample_meta_train"]
+__all__ = ["DataNotFoundError", "Omniglot", "find_root", "load_split", "sample_meta_test", "sample_meta_train"]

@@ -12,6 +12,8 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
+from checkpoints import save_atomic
+
 log = logging.getLogger(__name__)
 
 SPLITS = ("images_background", "images_evaluation")
@@ -52,16 +54,19 @@ class Omniglot:
         return self.images[indices].float() / 255, self.labels[indices]
 
 
+class DataNotFoundError(FileNotFoundError):
+    """Omniglot is not where it was looked for, and could not or may not be downloaded."""
+
+
 def find_root(data_root: str | Path | None = None, download: bool = True) -> Path:
-    """The folder holding omniglot-py/: --data-root, else $OMNIGLOT_ROOT, else ./data; fetched there if absent."""
+    """The folder holding omniglot-py/: `data_root`, else $OMNIGLOT_ROOT, else ./data; fetched there if absent."""
     root = Path(data_root or os.environ.get("OMNIGLOT_ROOT") or DEFAULT_ROOT).expanduser()
     missing = [s for s in SPLITS if not (root / "omniglot-py" / s).is_dir()]
     if not missing:
         return root
-    hint = (f"Omniglot not found under {root}/omniglot-py ({', '.join(missing)} missing); "
-            "point --data-root or OMNIGLOT_ROOT at the folder holding omniglot-py/")
+    hint = f"Omniglot not found under {root}/omniglot-py ({', '.join(missing)} missing)"
     if not download:
-        raise FileNotFoundError(f"{hint}, or drop --no-download to fetch it")
+        raise DataNotFoundError(f"{hint}, and downloading was not allowed")
     from torchvision.datasets.utils import download_and_extract_archive
 
     for split in missing:
@@ -69,7 +74,7 @@ def find_root(data_root: str | Path | None = None, download: bool = True) -> Pat
         try:
             download_and_extract_archive(ARCHIVE_URL.format(split), root / "omniglot-py", md5=ARCHIVE_MD5[split])
         except Exception as err:  # urllib, ssl, zip and md5 failures alike mean: no data here
-            raise FileNotFoundError(f"{hint}; downloading it failed ({type(err).__name__}: {err})") from None
+            raise DataNotFoundError(f"{hint}; downloading it failed ({type(err).__name__}: {err})") from None
     return root
 
 
@@ -113,9 +118,7 @@ def load_split(root: Path, split: str) -> Omniglot:
     images = np.stack([preprocess(f) for _, f in tqdm(files, desc=f"decoding {split}", unit="img")])
     data = {"images": torch.from_numpy(images).unsqueeze(1), "labels": torch.tensor([c for c, _ in files])}
     cache.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cache.with_suffix(f".tmp{os.getpid()}")
-    torch.save(data, tmp)
-    tmp.replace(cache)
+    save_atomic(data, cache)
     return Omniglot(data["images"], data["labels"], key)
 
 
@@ -133,10 +136,11 @@ def sample_meta_test(data: Omniglot, n_classes: int, n_train: int = 15,
     """Indices [n_classes, n_train] and [n_classes, rest] for one meta-test run: distinct random classes in
     random order, each class's drawings split at random, training drawings in random order."""
     if not 1 <= n_classes <= data.n_classes:
-        raise ValueError(f"--classes {n_classes} is outside 1..{data.n_classes}, the classes of this split")
+        raise ValueError(f"class count {n_classes} is outside 1..{data.n_classes}, the classes of this split")
     per_class = int((data.labels == 0).sum())
     if not 1 <= n_train < per_class:
-        raise ValueError(f"--train-examples {n_train} is outside 1..{per_class - 1} (each class has {per_class} drawings)")
+        raise ValueError(f"{n_train} training drawings per class is outside 1..{per_class - 1} "
+                         f"(each class has {per_class} drawings)")
     classes = torch.randperm(data.n_classes, generator=generator)[:n_classes]
     train, test = [], []
     for cls in classes.tolist():

@@ -1,14 +1,18 @@
 import copy
 import os
+import shutil
 import signal
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 import anml
+import checkpoints
+from anml import RunConfig, RunState
 from datasets import sample_meta_train
-from model import ANML, checkpoint_name
-from tests.reference import plain_meta_step
+from model import ANML
 
 
 def test_lobotomy_touches_exactly_one_row():
@@ -47,8 +51,8 @@ def test_meta_step_matches_plain_reference(background):
     plain = copy.deepcopy(fast)
     start = copy.deepcopy(fast.state_dict())
     fast_out = anml.meta_step(fast, torch.optim.SGD(fast.parameters(), lr=1.0), *batch)
-    plain_out = plain_meta_step(plain, torch.optim.SGD(plain.parameters(), lr=1.0), *batch)
-    assert fast_out == pytest.approx(plain_out, rel=1e-6)
+    plain_out = anml.plain_meta_step(plain, torch.optim.SGD(plain.parameters(), lr=1.0), *batch)
+    assert [t.item() for t in fast_out] == pytest.approx([t.item() for t in plain_out], rel=1e-6)
     for (name, a), b in zip(fast.state_dict().items(), plain.state_dict().values()):
         assert not torch.equal(a, start[name]) or name.endswith("conv.bias"), f"{name} was not updated"
         if name.endswith("conv.bias"):  # feeds an instance norm: its true gradient is zero
@@ -68,12 +72,74 @@ def test_ctrl_c_finishes_the_iteration_and_saves(background, tmp_path, monkeypat
         return real_step(*args, **kwargs)
 
     monkeypatch.setattr(anml, "meta_step", step_then_interrupt)
-    settings = {"rln": 16, "nm": 8, "mask": 144, "epochs": 10, "inner_lr": 0.1, "outer_lr": 0.003,
-                "seed": 0, "save_every": 100, "log_every": 100}
-    model = ANML(16, 8, 144)
+    state = RunState.fresh(RunConfig(rln=16, nm=8, epochs=10, save_every=100, log_every=100), torch.device("cpu"))
     with pytest.raises(KeyboardInterrupt, match="stopped after iteration 1"):
-        anml.train(model, torch.optim.Adam(model.parameters()), background, tmp_path, settings)
+        anml.train(state, background, tmp_path)
     assert len(calls) == 2
-    saved = tmp_path / checkpoint_name(16, 8, 144, 1)
-    assert saved.is_file() and anml.state_path(saved).is_file()
+    saved = tmp_path / checkpoints.checkpoint_name(16, 8, 144, 1)
+    assert saved.is_file() and checkpoints.state_path(saved).is_file()
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_meta_iteration_draws_a_task_and_lobotomizes_its_class(background):
+    model = ANML(16, 8, 144)
+    before = copy.deepcopy(model.state_dict())
+    torch.manual_seed(3)
+    traj, _ = sample_meta_train(background)
+    torch.manual_seed(3)
+    loss, acc = anml.meta_iteration(model, torch.optim.SGD(model.parameters(), lr=0.0), background, 0.1)
+    changed = (before["fc.weight"] != model.fc.weight).any(1)
+    assert changed.nonzero().flatten().tolist() == [int(background.labels[traj[0]])]
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items() if k != "fc.weight")
+    assert loss.shape == acc.shape == () and loss > 0 and 0 <= acc <= 1
+
+
+def test_outer_lr_schedules():
+    constant = RunConfig(epochs=100, outer_lr=0.002)
+    assert {anml.get_lr(it, constant) for it in range(100)} == {0.002}
+    cosine = RunConfig(epochs=100, outer_lr=0.002, outer_lr_schedule="cosine")
+    rates = [anml.get_lr(it, cosine) for it in range(100)]
+    assert rates[0] == 0.002 and rates[50] == pytest.approx(0.001) and 0 < rates[-1] < 1e-5
+    assert all(a > b for a, b in zip(rates, rates[1:]))
+
+
+def test_cosine_run_resumes_exactly(background, tmp_path):
+    config = RunConfig(rln=4, nm=4, epochs=4, save_every=2, log_every=1, outer_lr_schedule="cosine")
+    whole = RunState.fresh(config, torch.device("cpu"))
+    anml.train(whole, background, tmp_path / "whole")
+    assert whole.optimizer.param_groups[0]["lr"] == anml.get_lr(3, config)
+    resumed = RunState.resume(tmp_path / "whole" / "4_4_36_ANML-1.pth", torch.device("cpu"))
+    anml.train(resumed, background, tmp_path / "resumed")
+    for a, b in zip(whole.model.state_dict().values(), resumed.model.state_dict().values()):
+        assert torch.equal(a, b)
+
+
+def test_kaiming_conv_init_redraws_conv_weights_only():
+    default = RunState.fresh(RunConfig(rln=32, nm=16, seed=2), torch.device("cpu")).model.state_dict()
+    kaiming = RunState.fresh(RunConfig(rln=32, nm=16, seed=2, conv_init="kaiming"), torch.device("cpu")).model
+    for name, value in kaiming.state_dict().items():
+        is_conv_weight = name.endswith("conv.weight")
+        assert torch.equal(value, default[name]) != is_conv_weight, name
+    for stack in (kaiming.rln, kaiming.nm):
+        weight = stack.convBlock2.conv.weight
+        assert weight.std().item() == pytest.approx((2 / weight[0].numel()) ** 0.5, rel=0.05)
+
+
+FIXTURE = Path(__file__).parent / "fixtures" / "run_4_4_36"
+
+
+def test_resumes_a_run_saved_before_the_run_config(background, tmp_path):
+    """A state file written by the code before RunConfig (settings without the recipe options) resumes and
+    continues that run: its iterations 2-3 as the old code computed them, up to float rounding across machines."""
+    for f in ("4_4_36_ANML-1.pth", "4_4_36_ANML-1.state.pth", "training_log.csv"):
+        shutil.copy(FIXTURE / f, tmp_path)
+    state = RunState.resume(tmp_path / "4_4_36_ANML-1.pth", torch.device("cpu"))
+    assert (state.iteration, state.config) == (2, RunConfig(rln=4, nm=4, epochs=4, seed=5, save_every=2, log_every=1))
+    anml.train(state, background, tmp_path)
+    expected = torch.load(FIXTURE / "4_4_36_ANML-3.pth", weights_only=True)
+    for name, value in torch.load(tmp_path / "4_4_36_ANML-3.pth", weights_only=True).items():
+        # A conv bias feeds an instance norm: its gradient is rounding noise, which Adam turns into steps of lr.
+        atol = 4 * state.config.outer_lr if name.endswith("conv.bias") else 1e-5
+        torch.testing.assert_close(value, expected[name], rtol=1e-4, atol=atol, msg=name)
+    logs = [np.loadtxt(f, delimiter=",", skiprows=1) for f in (FIXTURE / "training_log.csv", tmp_path / "training_log.csv")]
+    np.testing.assert_allclose(*logs, atol=2e-5)

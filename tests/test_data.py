@@ -101,7 +101,7 @@ def test_cache_is_used_and_never_stale(omniglot_root, tmp_path, monkeypatch):
 
 
 def test_missing_data_offline(tmp_path, monkeypatch):
-    with pytest.raises(FileNotFoundError, match="drop --no-download"):
+    with pytest.raises(FileNotFoundError, match="downloading was not allowed"):
         find_root(tmp_path, download=False)
 
     def no_network(*args, **kwargs):

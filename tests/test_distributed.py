@@ -9,12 +9,13 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import anml
+from anml import RunConfig, RunState
+from checkpoints import state_path
 from datasets import load_split, sample_meta_train
 from model import ANML
 from tests.conftest import REPO
 
-SETTINGS = {"rln": 16, "nm": 8, "mask": 144, "epochs": 3, "inner_lr": 0.1, "outer_lr": 0.003, "seed": 4,
-            "save_every": 2, "log_every": 1}
+CONFIG = RunConfig(rln=16, nm=8, epochs=3, seed=4, save_every=2, log_every=1)
 
 
 def join(rank, tmp_path):
@@ -24,9 +25,9 @@ def join(rank, tmp_path):
 
 def train_worker(rank, tmp_path, root):
     join(rank, tmp_path)
-    model, opt = anml.new_run(SETTINGS, torch.device("cpu"))
-    anml.train(model, opt, load_split(root, "images_background"), tmp_path / "out", SETTINGS)
-    torch.save(model.state_dict(), tmp_path / f"rank{rank}.pt")
+    state = RunState.fresh(CONFIG, torch.device("cpu"))
+    anml.train(state, load_split(root, "images_background"), tmp_path / "out")
+    torch.save(state.model.state_dict(), tmp_path / f"rank{rank}.pt")
     dist.destroy_process_group()
 
 
@@ -34,14 +35,14 @@ def step_worker(rank, tmp_path, root):
     """One distributed iteration; saves its task, the shared weights before the step, and after."""
     join(rank, tmp_path)
     data = load_split(root, "images_background")
-    model, opt = anml.new_run(SETTINGS, torch.device("cpu"))
-    traj, remember = sample_meta_train(data)
-    cls = int(data.labels[traj[0]])
-    anml.lobotomize(model, cls)
-    anml.share_lobotomies(model, cls)
-    before = copy.deepcopy(model.state_dict())
-    anml.meta_step(model, opt, *data.batch(traj), *data.batch(remember), SETTINGS["inner_lr"])
-    torch.save({"traj": traj, "remember": remember, "before": before, "after": model.state_dict()},
+    state = RunState.fresh(CONFIG, torch.device("cpu"))
+    rng = torch.get_rng_state()
+    traj, remember = sample_meta_train(data)  # the task that meta_iteration draws next
+    torch.set_rng_state(rng)
+    before = []  # the shared weights after every worker's lobotomy, as the averaged step meets them
+    state.optimizer.register_step_pre_hook(lambda *_: before.append(copy.deepcopy(state.model.state_dict())))
+    anml.meta_iteration(state.model, state.optimizer, data, CONFIG.inner_lr)
+    torch.save({"traj": traj, "remember": remember, "before": before[0], "after": state.model.state_dict()},
                tmp_path / f"step{rank}.pt")
     dist.destroy_process_group()
 
@@ -52,22 +53,20 @@ def test_workers_hold_identical_weights(tmp_path, omniglot_root, background):
     assert all(torch.equal(a[k], b[k]) for k in a)
     saved = torch.load(tmp_path / "out" / "16_8_144_ANML-2.pth", weights_only=True)
     assert all(torch.equal(a[k], saved[k]) for k in a)
-    state = torch.load(anml.state_path(tmp_path / "out" / "16_8_144_ANML-2.pth"), weights_only=True)
+    state = torch.load(state_path(tmp_path / "out" / "16_8_144_ANML-2.pth"), weights_only=True)
     assert len(state["rng"]) == 2 and not torch.equal(state["rng"][0]["torch"], state["rng"][1]["torch"])
 
 
 def test_single_process_is_the_plain_loop(background, tmp_path):
-    """Without torch.distributed, train is sample, lobotomy, meta_step on the global generator, as before."""
-    model, opt = anml.new_run(SETTINGS, torch.device("cpu"))
-    anml.train(model, opt, background, tmp_path, SETTINGS)
-    anml.seed_everything(SETTINGS["seed"])
+    """Without torch.distributed, train is meta_iteration after meta_iteration on the global generator."""
+    state = RunState.fresh(CONFIG, torch.device("cpu"))
+    anml.train(state, background, tmp_path)
+    anml.seed_everything(CONFIG.seed)
     plain = ANML(16, 8, 144)
-    plain_opt = torch.optim.Adam(plain.parameters(), lr=SETTINGS["outer_lr"])
-    for _ in range(SETTINGS["epochs"]):
-        traj, remember = sample_meta_train(background)
-        anml.lobotomize(plain, int(background.labels[traj[0]]))
-        anml.meta_step(plain, plain_opt, *background.batch(traj), *background.batch(remember))
-    for a, b in zip(model.state_dict().values(), plain.state_dict().values()):
+    plain_opt = torch.optim.Adam(plain.parameters(), lr=CONFIG.outer_lr)
+    for _ in range(CONFIG.epochs):
+        anml.meta_iteration(plain, plain_opt, background, CONFIG.inner_lr)
+    for a, b in zip(state.model.state_dict().values(), plain.state_dict().values()):
         assert torch.equal(a, b)
 
 
@@ -79,7 +78,7 @@ def test_torchrun_runs_and_resumes(tmp_path, omniglot_root):
                             text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr
     assert "meta-batch of 2 tasks" in result.stderr
-    state = torch.load(anml.state_path(tmp_path / "16_8_144_ANML-1.pth"), weights_only=True)
+    state = torch.load(state_path(tmp_path / "16_8_144_ANML-1.pth"), weights_only=True)
     assert len(state["rng"]) == 2
     uninterrupted = torch.load(tmp_path / "16_8_144_ANML-1.pth", weights_only=True)
     single = subprocess.run([sys.executable, "train_omni.py", "--resume", str(tmp_path / "16_8_144_ANML-0.pth"),
@@ -98,7 +97,7 @@ def meta_gradient(model, data, traj, remember):
     grads = []
     opt = torch.optim.SGD(model.parameters(), lr=0.0)
     opt.register_step_pre_hook(lambda o, *_: grads.extend(p.grad.clone() for p in model.parameters()))
-    anml.meta_step(model, opt, *data.batch(traj), *data.batch(remember), SETTINGS["inner_lr"])
+    anml.meta_step(model, opt, *data.batch(traj), *data.batch(remember), CONFIG.inner_lr)
     return grads
 
 
@@ -117,7 +116,7 @@ def test_two_workers_step_on_the_mean_meta_gradient(tmp_path, omniglot_root, bac
         per_task = [meta_gradient(copy.deepcopy(model), background, s["traj"], s["remember"]) for s in steps]
     finally:
         torch.set_num_threads(threads)
-    opt = torch.optim.Adam(model.parameters(), lr=SETTINGS["outer_lr"])
+    opt = torch.optim.Adam(model.parameters(), lr=CONFIG.outer_lr)
     for p, g0, g1 in zip(model.parameters(), *per_task):
         p.grad = (g0 + g1) / 2
     opt.step()
@@ -125,5 +124,5 @@ def test_two_workers_step_on_the_mean_meta_gradient(tmp_path, omniglot_root, bac
         for name, value in model.state_dict().items():
             # A conv bias feeds an instance norm: its true gradient is zero, what is computed is rounding noise,
             # and Adam turns noise into steps of up to lr either way. Bound those by the step size.
-            atol = 2 * SETTINGS["outer_lr"] if name.endswith("conv.bias") else 1e-6
+            atol = 2 * CONFIG.outer_lr if name.endswith("conv.bias") else 1e-6
             torch.testing.assert_close(steps[r]["after"][name], value, rtol=1e-5, atol=atol, msg=name)

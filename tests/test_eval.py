@@ -8,11 +8,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import anml
 import eval_omni
-from model import ANML, checkpoint_name
+import meta_test
+from checkpoints import checkpoint_name
+from model import ANML
 from tests.conftest import REPO, assert_one_line_error
-from tests.reference import plain_meta_test_run
 
 SIZES = (32, 16, 288)
 
@@ -25,7 +25,7 @@ def small_model():
 
 @pytest.fixture(scope="module")
 def small_features(small_model, evaluation):
-    return anml.gated_features(small_model, evaluation)
+    return meta_test.gated_features(small_model, evaluation)
 
 
 def test_gated_features_are_the_models(small_model, small_features, evaluation):
@@ -37,9 +37,10 @@ def test_gated_features_are_the_models(small_model, small_features, evaluation):
 def test_fast_runs_match_the_plain_protocol(small_model, small_features, evaluation):
     """Same classes, splits, orders and init: the same fc weights and accuracies, run by run of a batch."""
     for n_classes, lr in ((3, 0.001), (6, 0.003)):
-        fast = anml.meta_test_runs(small_model, small_features, evaluation, n_classes, lr, seeds=[11, 12])
+        fast = meta_test.meta_test_runs(small_model, small_features, evaluation, n_classes, lr, seeds=[11, 12])
         for run, seed in enumerate([11, 12]):
-            test, train, fc = plain_meta_test_run(copy.deepcopy(small_model), evaluation, n_classes, lr, seed=seed)
+            test, train, fc = meta_test.plain_meta_test_run(copy.deepcopy(small_model), evaluation, n_classes, lr,
+                                                            seed=seed)
             for a, b in ((fast.weight[run], fc.weight), (fast.bias[run], fc.bias)):
                 assert (a - b).norm() / b.norm() < 1e-4
             assert (fast.test_accuracy[run].item(), fast.train_accuracy[run].item()) == pytest.approx((test, train),
@@ -58,7 +59,7 @@ def test_fc_adam_step_is_torch_adam_on_the_cross_entropy():
     logits = fc(xs[0]).detach()
     for t in range(3):
         step = t + 1
-        logits = anml.fc_adam_step(weight, bias, moments, logits, xs[t], ys[t], xs[t + 1],
+        logits = meta_test.fc_adam_step(weight, bias, moments, logits, xs[t], ys[t], xs[t + 1],
                                    torch.tensor(lr / (1 - 0.9 ** step)), torch.tensor((1 - 0.999 ** step) ** 0.5))
         opt.zero_grad()
         F.cross_entropy(fc(xs[t]), ys[t]).backward()
@@ -76,16 +77,16 @@ def test_runs_trained_together_equal_runs_trained_alone(small_features):
     labels = torch.randint(0, 1000, (3, 4), generator=g)
     weight, bias = torch.randn(3, 1000, SIZES[2], generator=g) * 0.05, torch.randn(3, 1000, generator=g) * 0.05
     alone_weight, alone_bias = weight.clone(), bias.clone()
-    anml.test_train(weight, bias, features, labels, 0.002)
+    meta_test.train_fc(weight, bias, features, labels, 0.002)
     for run in range(3):
         part = slice(run, run + 1)
-        anml.test_train(alone_weight[part], alone_bias[part], features[part], labels[part], 0.002)
+        meta_test.train_fc(alone_weight[part], alone_bias[part], features[part], labels[part], 0.002)
     torch.testing.assert_close(weight, alone_weight)
     torch.testing.assert_close(bias, alone_bias)
     assert not torch.equal(weight[0], weight[1])
-    torch.testing.assert_close(anml.test_test(weight, bias, features, labels),
-                               torch.cat([anml.test_test(alone_weight[r:r + 1], alone_bias[r:r + 1], features[r:r + 1],
-                                                         labels[r:r + 1]) for r in range(3)]))
+    alone = [meta_test.fc_accuracy(alone_weight[r:r + 1], alone_bias[r:r + 1], features[r:r + 1], labels[r:r + 1])
+             for r in range(3)]
+    torch.testing.assert_close(meta_test.fc_accuracy(weight, bias, features, labels), torch.cat(alone))
 
 
 def test_runs_trained_together_compile_once_for_every_class_count():
@@ -97,7 +98,7 @@ def test_runs_trained_together_compile_once_for_every_class_count():
         with torch._dynamo.config.patch(recompile_limit=1):
             for n_classes in (2, 3, 5):
                 weight, bias = torch.zeros(2, 1000, 16), torch.zeros(2, 1000)
-                anml.test_train(weight, bias, torch.rand(2, n_classes, 15, 16, generator=g),
+                meta_test.train_fc(weight, bias, torch.rand(2, n_classes, 15, 16, generator=g),
                                 torch.randint(0, 1000, (2, n_classes), generator=g), 0.001)
                 assert weight.abs().sum() > 0
     finally:
@@ -106,34 +107,34 @@ def test_runs_trained_together_compile_once_for_every_class_count():
 
 def test_fc_bias_stays_as_loaded_and_weight_is_redrawn(small_model, small_features, evaluation):
     g = torch.Generator().manual_seed(0)
-    weight = anml.fresh_fc_weight(small_model, g)
+    weight = meta_test.fresh_fc_weight(small_model, g)
     assert not torch.equal(weight, small_model.fc.weight)
     assert abs(weight.std().item() - (2 / SIZES[2]) ** 0.5) < 0.05 * (2 / SIZES[2]) ** 0.5
-    untrained = anml.meta_test_runs(small_model, small_features, evaluation, 3, lr=1e-30, seeds=[0])
+    untrained = meta_test.meta_test_runs(small_model, small_features, evaluation, 3, lr=1e-30, seeds=[0])
     torch.testing.assert_close(untrained.bias[0], small_model.fc.bias.detach())
 
 
-def test_test_test_averages_over_classes():
+def test_fc_accuracy_averages_over_classes():
     weight, bias = torch.zeros(2, 1000, 2), torch.zeros(2, 1000)
     bias[0, 4] = 1  # run 0 always predicts class 4
     bias[1, 9] = 1  # run 1 always predicts class 9
     features = torch.zeros(2, 3, 5, 2)
     labels = torch.tensor([[4, 9, 9], [4, 9, 9]])
-    assert anml.test_test(weight, bias, features, labels).tolist() == pytest.approx([1 / 3, 2 / 3])
+    assert meta_test.fc_accuracy(weight, bias, features, labels).tolist() == pytest.approx([1 / 3, 2 / 3])
 
 
 def test_features_cache_is_keyed_by_checkpoint(small_model, evaluation, tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     path = tmp_path / checkpoint_name(*SIZES, 0)
     torch.save(small_model.state_dict(), path)
-    first = anml.cached_features(path, small_model, evaluation)
-    real = anml.gated_features
-    monkeypatch.setattr(anml, "gated_features", lambda *a: pytest.fail("recomputed although cached"))
-    torch.testing.assert_close(anml.cached_features(path, small_model, evaluation), first)
+    first = meta_test.cached_features(path, small_model, evaluation)
+    real = meta_test.gated_features
+    monkeypatch.setattr(meta_test, "gated_features", lambda *a: pytest.fail("recomputed although cached"))
+    torch.testing.assert_close(meta_test.cached_features(path, small_model, evaluation), first)
     other = ANML(*SIZES)
     torch.save(other.state_dict(), path)
-    monkeypatch.setattr(anml, "gated_features", real)
-    assert not torch.equal(anml.cached_features(path, other, evaluation), first)
+    monkeypatch.setattr(meta_test, "gated_features", real)
+    assert not torch.equal(meta_test.cached_features(path, other, evaluation), first)
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from model import ANML, ConvBlock, checkpoint_name, max_pool, load_anml, parse_checkpoint_name
+from checkpoints import checkpoint_name, load_anml, parse_checkpoint_name
+from model import ANML, ConvBlock, max_pool
 
 SPEC_SHAPES = {
     **{f"{net}.convBlock{i}.{part}": None for net in ("rln", "nm") for i in (1, 2, 3)

@@ -4,9 +4,10 @@ from pathlib import Path
 import pytest
 import torch
 
-import anml
+import meta_test
 from datasets import sample_meta_test
-from model import ANML, CHECKPOINT_NAME, load_anml, parse_checkpoint_name
+from checkpoints import CHECKPOINT_NAME, load_anml, parse_checkpoint_name
+from model import ANML
 from tests.conftest import REPO
 
 
@@ -25,7 +26,7 @@ def small_evaluation(model: ANML, data, n_classes: int, seed: int) -> float:
     features = torch.zeros(len(data.labels), model.fc.in_features)
     with torch.no_grad():
         features[used] = model.features(data.batch(used)[0])
-    return anml.meta_test_runs(model, features, data, n_classes, 0.001, [seed]).test_accuracy.item()
+    return meta_test.meta_test_runs(model, features, data, n_classes, 0.001, [seed]).test_accuracy.item()
 
 
 @pytest.mark.parametrize("seed", [0, 1])

@@ -4,7 +4,10 @@ import sys
 import pytest
 import torch
 
-from model import ANML, load_anml
+from anml import RunConfig
+from train_omni import parse_args, run_config
+from checkpoints import load_anml
+from model import ANML
 from tests.conftest import REPO, assert_one_line_error
 
 SMALL = ["--rln", "16", "--nm", "8", "--mask", "144", "--seed", "3", "--log-every", "1", "-d", "cpu"]
@@ -74,3 +77,13 @@ def test_resume_with_a_different_recipe(tmp_path, omniglot_root):
     result = train_omni("--resume", tmp_path / "16_8_144_ANML-0.pth", "--outer-lr", 0.001, "--epochs", 2,
                         "--data-root", omniglot_root, "--out-dir", tmp_path, check=False)
     assert_one_line_error(result, "--outer-lr 0.001", "0.003")
+
+
+def test_recipe_is_kept_on_resume():
+    with pytest.raises(ValueError, match="--conv-init kaiming differs from the resumed run's default"):
+        run_config(parse_args(["--conv-init", "kaiming"]), RunConfig())
+    assert run_config(parse_args(["--epochs", "20"]), RunConfig(epochs=10)).epochs == 20
+    # the cosine schedule is drawn over --epochs, so a cosine run cannot be lengthened
+    with pytest.raises(ValueError, match="--epochs 20 differs from the resumed run's 10"):
+        run_config(parse_args(["--epochs", "20"]), RunConfig(epochs=10, outer_lr_schedule="cosine"))
+    assert run_config(parse_args(["--rln", "16"]), None).mask == 144

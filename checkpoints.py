@@ -1,0 +1,95 @@
+"""Files: checkpoint names, the weights, the state file that --resume reads, random-number state, atomic writes."""
+from __future__ import annotations
+
+import os
+import random
+import re
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from model import ANML
+
+CHECKPOINT_NAME = re.compile(r"^(\d+)_(\d+)_(\d+)_ANML-(\d+)\.pth$")
+
+
+def checkpoint_name(rln_chs: int, nm_chs: int, mask_size: int, iteration: int) -> str:
+    return f"{rln_chs}_{nm_chs}_{mask_size}_ANML-{iteration}.pth"
+
+
+def parse_checkpoint_name(path: Path) -> tuple[int, int, int, int]:
+    """(rln_chs, nm_chs, mask_size, iteration) from a name such as 256_112_2304_ANML-29999.pth."""
+    match = CHECKPOINT_NAME.match(Path(path).name)
+    if match is None:
+        raise ValueError(f"{path}: checkpoint name must look like 256_112_2304_ANML-29999.pth (RLN_NM_MASK_ANML-ITER.pth); rename it")
+    rln, nm, mask, iteration = map(int, match.groups())
+    return rln, nm, mask, iteration
+
+
+def state_path(checkpoint: Path) -> Path:
+    """The optimizer/iteration/RNG file that sits beside a checkpoint."""
+    return checkpoint.with_name(checkpoint.name.removesuffix(".pth") + ".state.pth")
+
+
+def save_atomic(obj: object, path: Path) -> None:
+    """torch.save to a temporary name, then rename: a stop never leaves a half-written file under `path`."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    torch.save(obj, tmp)
+    tmp.replace(path)
+
+
+def load_anml(path: Path, device: torch.device | str = "cpu") -> ANML:
+    """An ANML of the sizes in the checkpoint's name, with the checkpoint's weights."""
+    path = Path(path)
+    rln, nm, mask, _ = parse_checkpoint_name(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such checkpoint; check the path, or train one with train_omni.py")
+    model = ANML(rln, nm, mask)
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as err:
+        raise ValueError(f"{path}: weights do not match an ANML({rln}, {nm}, {mask}) as its name says: "
+                         f"{str(err).splitlines()[0]}") from None
+    return model.to(device)
+
+
+def save_run(path: Path, model: ANML, optimizer: dict, rng: list[dict], config: dict, iteration: int) -> None:
+    """The weights as a plain state_dict at `path`, and beside them the state file: iteration, optimizer state,
+    every worker's random state and the run's config. Both are written atomically."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # State first: weights without their state file cannot be resumed; a state file without weights is inert.
+    save_atomic({"iteration": iteration, "optimizer": optimizer, "rng": rng, "settings": config}, state_path(path))
+    save_atomic({k: v.detach().cpu() for k, v in model.state_dict().items()}, path)
+
+
+def load_run(checkpoint: Path, device: torch.device) -> tuple[ANML, dict]:
+    """The weights of a checkpoint and its state file (iteration, optimizer, rng, settings), checked to belong
+    together."""
+    checkpoint = Path(checkpoint)
+    model = load_anml(checkpoint, device)
+    if not state_path(checkpoint).is_file():
+        raise FileNotFoundError(f"{state_path(checkpoint)} is missing: resuming needs the state file saved beside "
+                                "the checkpoint; start a fresh run instead")
+    state = torch.load(state_path(checkpoint), map_location="cpu", weights_only=True)
+    if state["iteration"] != parse_checkpoint_name(checkpoint)[3]:
+        raise ValueError(f"{state_path(checkpoint)} belongs to iteration {state['iteration']}, not to {checkpoint.name}")
+    return model, state
+
+
+def rng_state() -> dict:
+    """Every generator a run draws from: torch (CPU and CUDA), numpy and Python's."""
+    numpy_state = np.random.get_state()
+    return {"torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "numpy": torch.from_numpy(numpy_state[1].astype(np.int64)), "numpy_pos": int(numpy_state[2]),
+            "python": random.getstate()}
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    np.random.set_state(("MT19937", state["numpy"].numpy().astype(np.uint32), state["numpy_pos"]))
+    random.setstate(state["python"])
