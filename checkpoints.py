@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 import random
 import re
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -39,6 +40,22 @@ def save_atomic(obj: object, path: Path) -> None:
     tmp.replace(path)
 
 
+def _read(path: Path, what: str, keys: tuple[str, ...]) -> dict:
+    """torch.load of a dict holding `keys`; anything else (text, a truncated file, another object) is an error
+    that names the file."""
+    try:
+        with warnings.catch_warnings():  # a junk file can make the unpickler warn before it fails
+            warnings.simplefilter("ignore")
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # pickle, zip and torch errors alike mean: not a file that torch.save wrote
+        raise ValueError(f"{path} is not {what} that PyTorch can read ({type(err).__name__}); "
+                         "it may be truncated or another file: use another one") from None
+    missing = [k for k in keys if k not in obj] if isinstance(obj, dict) else ["a dict"]
+    if missing:
+        raise ValueError(f"{path} is not {what}: it holds no {', '.join(missing)}; use another one")
+    return obj
+
+
 def load_anml(path: Path, device: torch.device | str = "cpu") -> ANML:
     """An ANML of the sizes in the checkpoint's name, with the checkpoint's weights."""
     path = Path(path)
@@ -46,12 +63,15 @@ def load_anml(path: Path, device: torch.device | str = "cpu") -> ANML:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such checkpoint; check the path, or train one with train_omni.py")
     model = ANML(rln, nm, mask)
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as err:
+    state = _read(path, "an ANML checkpoint", ())
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    found = {k: tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__ for k, v in state.items()}
+    mismatch = next((k for k in [*expected, *found] if expected.get(k) != found.get(k)), None)
+    if mismatch is not None:
         raise ValueError(f"{path}: weights do not match an ANML({rln}, {nm}, {mask}) as its name says: "
-                         f"{str(err).splitlines()[0]}") from None
+                         f"{mismatch} is {found.get(mismatch, 'missing')}, the model wants "
+                         f"{expected.get(mismatch, 'no such key')}")
+    model.load_state_dict(state)
     return model.to(device)
 
 
@@ -72,10 +92,24 @@ def load_run(checkpoint: Path, device: torch.device) -> tuple[ANML, dict]:
     if not state_path(checkpoint).is_file():
         raise FileNotFoundError(f"{state_path(checkpoint)} is missing: resuming needs the state file saved beside "
                                 "the checkpoint; start a fresh run instead")
-    state = torch.load(state_path(checkpoint), map_location="cpu", weights_only=True)
+    state = _read(state_path(checkpoint), "a run's state file", ("iteration", "optimizer", "rng", "settings"))
     if state["iteration"] != parse_checkpoint_name(checkpoint)[3]:
         raise ValueError(f"{state_path(checkpoint)} belongs to iteration {state['iteration']}, not to {checkpoint.name}")
     return model, state
+
+
+def remove_temporaries(folder: Path) -> None:
+    """Delete the hidden temporary files that a save_atomic stopped by a kill left in `folder`."""
+    for tmp in Path(folder).glob(".*.tmp*"):
+        tmp.unlink(missing_ok=True)
+
+
+def prune_states(folder: Path, keep: int) -> None:
+    """Delete the state files of all but the newest `keep` checkpoints in `folder`; every checkpoint's weights stay."""
+    states = [p for p in Path(folder).glob("*.state.pth") if CHECKPOINT_NAME.match(p.name.replace(".state.pth", ".pth"))]
+    states.sort(key=lambda p: parse_checkpoint_name(p.name.replace(".state.pth", ".pth"))[3])
+    for old in states[:-keep]:
+        old.unlink()
 
 
 def rng_state() -> dict:

@@ -3,12 +3,15 @@ python eval_omni.py --model trained_anmls/256_112_2304_ANML-29999.pth --classes 
 from __future__ import annotations
 
 import argparse
+import datetime
 import hashlib
 import json
 import logging
 import os
+import shlex
 import shutil
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +22,7 @@ import runtime
 from checkpoints import load_anml, parse_checkpoint_name
 from datasets import DataNotFoundError, find_root, load_split
 
-SHIPPED_MODEL = Path("trained_anmls/256_112_2304_ANML-29999.pth")
+SHIPPED_MODEL = Path(__file__).resolve().parent / "trained_anmls" / "256_112_2304_ANML-29999.pth"
 # The published table (test accuracy, 10 runs, the 30,000-iteration model) and its learning rates.
 PUBLISHED = {10: 0.90, 50: 0.89, 75: 0.86, 100: 0.85, 200: 0.80, 300: 0.76, 400: 0.72, 600: 0.65}
 N_EVAL_CLASSES = 659
@@ -31,11 +34,13 @@ def published_lr(n_classes: int) -> float:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("-m", "--model", type=Path, default=SHIPPED_MODEL, help=f"checkpoint (default {SHIPPED_MODEL})")
+    p.add_argument("-m", "--model", type=Path, default=SHIPPED_MODEL,
+                   help="checkpoint (default the shipped trained_anmls/256_112_2304_ANML-29999.pth)")
     p.add_argument("-c", "--classes", type=int, nargs="+", default=list(PUBLISHED),
                    help="class counts (default: the published ones, 10 ... 600)")
     p.add_argument("-l", "--lr", type=float, nargs="+",
-                   help="Adam learning rates to sweep (default: the published rate, 0.001 up to 100 classes, else 0.0008)")
+                   help="Adam learning rates to sweep (default: the rates chosen for the model, in MODEL.json beside "
+                        "it, else the published ones, 0.001 up to 100 classes, else 0.0008)")
     p.add_argument("-r", "--runs", type=int, default=10, help="reported runs per class count and rate (default 10)")
     p.add_argument("--select-runs", type=int, default=5,
                    help="runs per class count and rate that choose the rate, apart from the reported ones (default 5)")
@@ -44,13 +49,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--data-root", type=Path, help="folder holding omniglot-py/ (default $OMNIGLOT_ROOT, else ./data)")
     p.add_argument("--no-download", action="store_true", help="never download Omniglot; fail if it is absent")
     p.add_argument("--seed", type=int, default=0, help="seed of every run's classes, splits and fc init (default 0)")
-    p.add_argument("--out", type=Path, metavar="FILE.json", help="write every run and the summary as JSON")
+    p.add_argument("--out", type=Path, metavar="FILE.json", help="write every run and the summary as JSON, as they come")
     p.add_argument("--plot", type=Path, metavar="FILE.png", help="plot test accuracy against classes")
+    p.add_argument("--save-rates", action="store_true",
+                   help="write the rates chosen on the selection runs beside the model (MODEL.json), for later "
+                        "evaluations without --lr")
     return p.parse_args(argv)
 
 
 def check_args(args: argparse.Namespace) -> None:
-    """Refuse bad input before any work starts."""
+    """Refuse bad input before any work starts; make the output files' folders."""
     for n in args.classes:
         if not 1 <= n <= N_EVAL_CLASSES:
             raise ValueError(f"--classes {n} is outside 1..{N_EVAL_CLASSES}, the classes of the evaluation set")
@@ -61,13 +69,36 @@ def check_args(args: argparse.Namespace) -> None:
             raise ValueError(f"--lr {lr} is not a positive learning rate")
     if args.runs < 1 or args.select_runs < 1:
         raise ValueError("--runs and --select-runs must be at least 1")
+    if args.save_rates and len(args.lr or []) < 2:
+        raise ValueError("--save-rates needs several --lr to choose from")
     parse_checkpoint_name(args.model)
     if not args.model.is_file():
         raise FileNotFoundError(f"{args.model}: no such checkpoint; check the path")
+    for flag, path in (("--out", args.out), ("--plot", args.plot)):
+        if path is not None:
+            if path.is_dir():
+                raise ValueError(f"{flag} {path} is a folder; name a file in it")
+            path.parent.mkdir(parents=True, exist_ok=True)
     cxx = os.environ.get("CXX", "g++")  # where torch.compile looks for the compiler of its CPU kernels
     if runtime.resolve_device(args.device).type == "cpu" and shutil.which(cxx) is None:
         raise FileNotFoundError(f"meta-testing on the CPU compiles its Adam step with torch.compile, which needs a "
                                 f"C++ compiler, and {cxx} is not there: install g++ or set CXX to one")
+
+
+def rates_path(model: Path) -> Path:
+    """The file beside a model that holds the meta-test rates chosen for it."""
+    return model.with_suffix(".json")
+
+
+def learning_rates(args: argparse.Namespace) -> dict[int, list[float]]:
+    """Per class count the rates to run: --lr, else the model's chosen rates where it has them, else the published."""
+    if args.lr:
+        return {n: args.lr for n in args.classes}
+    chosen = {}
+    if rates_path(args.model).is_file():
+        chosen = {int(n): entry["lr"] for n, entry in json.loads(rates_path(args.model).read_text())["classes"].items()}
+        logging.info("rates chosen for this model on selection runs, from %s (--lr overrides)", rates_path(args.model))
+    return {n: [chosen.get(n, published_lr(n))] for n in args.classes}
 
 
 def run_seed(seed: int, purpose: str, n_classes: int, run: int) -> int:
@@ -79,65 +110,95 @@ def mean_std(values: list[float]) -> tuple[float, float]:
     return float(np.mean(values)), float(np.std(values))
 
 
-def evaluate(args: argparse.Namespace) -> dict:
-    """Every run of the sweep, and per class count the chosen rate and its figures."""
+def evaluate(args: argparse.Namespace) -> Iterator[dict]:
+    """Every run of the sweep, class count after class count; after each, yields the results so far: the runs and,
+    per class count finished, the chosen rate and its figures."""
     device = runtime.resolve_device(args.device)
     runtime.keep_freed_memory()
     model = load_anml(args.model, device).eval()
     data = load_split(find_root(args.data_root, download=not args.no_download), "images_evaluation")
+    lrs = learning_rates(args)
     features = meta_test.cached_features(args.model, model, data)
-    lrs = {n: args.lr or [published_lr(n)] for n in args.classes}
-    plan = [(n, lr, purpose, count) for n in args.classes for lr in lrs[n]
-            for purpose, count in (("select", args.select_runs if len(lrs[n]) > 1 else 0), ("report", args.runs))
-            if count]
-    runs = []
-    with tqdm(total=sum(count for *_, count in plan), desc="meta-test runs") as progress:
-        for n, lr, purpose, count in plan:
-            seeds = [run_seed(args.seed, purpose, n, run) for run in range(count)]
-            result = meta_test.meta_test_runs(model, features, data, n, lr, seeds, args.train_examples)
-            for run, (seed, test, train) in enumerate(zip(seeds, result.test_accuracy.tolist(),
-                                                          result.train_accuracy.tolist())):
-                runs.append({"classes": n, "lr": lr, "purpose": purpose, "run": run, "seed": seed,
-                             "test_accuracy": test, "train_accuracy": train})
-            progress.update(count)
-    return {"model": str(args.model), "train_examples": args.train_examples, "seed": args.seed,
-            "runs": runs, "summary": summarise(runs, lrs)}
+    plan = {n: [(lr, purpose, count) for lr in lrs[n]
+                for purpose, count in (("select", args.select_runs if len(lrs[n]) > 1 else 0), ("report", args.runs))
+                if count] for n in args.classes}
+    results = {"model": str(args.model), "train_examples": args.train_examples, "seed": args.seed, "runs": [],
+               "summary": []}
+    with tqdm(total=sum(count for groups in plan.values() for *_, count in groups), desc="meta-test runs") as progress:
+        for n, groups in plan.items():
+            for lr, purpose, count in groups:
+                seeds = [run_seed(args.seed, purpose, n, run) for run in range(count)]
+                result = meta_test.meta_test_runs(model, features, data, n, lr, seeds, args.train_examples)
+                for run, (seed, test, train) in enumerate(zip(seeds, result.test_accuracy.tolist(),
+                                                              result.train_accuracy.tolist())):
+                    results["runs"].append({"classes": n, "lr": lr, "purpose": purpose, "run": run, "seed": seed,
+                                            "test_accuracy": test, "train_accuracy": train})
+                progress.update(count)
+            results["summary"].append(summarise(results["runs"], n, lrs[n]))
+            yield results
 
 
-def summarise(runs: list[dict], lrs: dict[int, list[float]]) -> list[dict]:
-    def figures(n, lr, purpose, key):
+def summarise(runs: list[dict], n: int, rates: list[float]) -> dict:
+    """One class count's figures: the rate chosen on the selection runs (where several were swept) and its
+    reported runs' test and train accuracy; with a sweep, also the best rate judged on the reported runs."""
+    def figures(lr, purpose, key):
         return mean_std([r[key] for r in runs if (r["classes"], r["lr"], r["purpose"]) == (n, lr, purpose)])
 
-    summary = []
-    for n, rates in lrs.items():
-        chosen = max(rates, key=lambda lr: figures(n, lr, "select", "test_accuracy")[0]) if len(rates) > 1 else rates[0]
-        best = max(rates, key=lambda lr: figures(n, lr, "report", "test_accuracy")[0])
-        summary.append({"classes": n, "lr": chosen, "chosen_on": "selection runs" if len(rates) > 1 else "given",
-                        "test": figures(n, chosen, "report", "test_accuracy"),
-                        "train": figures(n, chosen, "report", "train_accuracy"),
-                        "best_of_sweep": {"lr": best, "test": figures(n, best, "report", "test_accuracy")},
-                        "published": PUBLISHED.get(n)})
-    return summary
+    entry = {"classes": n, "lr": rates[0], "chosen_on": "given", "published": PUBLISHED.get(n)}
+    if len(rates) > 1:
+        chosen = max(rates, key=lambda lr: figures(lr, "select", "test_accuracy")[0])
+        best = max(rates, key=lambda lr: figures(lr, "report", "test_accuracy")[0])
+        entry.update(lr=chosen, chosen_on="selection runs",
+                     selection={lr: figures(lr, "select", "test_accuracy")[0] for lr in rates},
+                     best_of_sweep={"lr": best, "test": figures(best, "report", "test_accuracy")})
+    entry.update(test=figures(entry["lr"], "report", "test_accuracy"),
+                 train=figures(entry["lr"], "report", "train_accuracy"))
+    return entry
 
 
-def report(results: dict) -> str:
+def class_lines(results: dict, n: int) -> list[str]:
+    """`Classes N Accuracy X (std Y)` for each rate's reported runs of one class count, as the reference prints."""
     lines = []
-    for n, lr in dict.fromkeys((r["classes"], r["lr"]) for r in results["runs"] if r["purpose"] == "report"):
+    for lr in dict.fromkeys(r["lr"] for r in results["runs"] if r["classes"] == n and r["purpose"] == "report"):
         chosen = [r for r in results["runs"] if (r["classes"], r["lr"], r["purpose"]) == (n, lr, "report")]
         test, train = mean_std([r["test_accuracy"] for r in chosen]), mean_std([r["train_accuracy"] for r in chosen])
         lines.append(f"Classes {n} Accuracy {test[0]:.4f} (std {test[1]:.4f})  "
                      f"Train accuracy {train[0]:.4f} (std {train[1]:.4f})  lr {lr:g}")
-    lines += ["", f"{'classes':>7}  {'lr':>8}  {'test (std)':>16}  {'train (std)':>16}  "
-                  f"{'best-of-sweep test (lr)':>25}  {'published':>9}"]
+    return lines
+
+
+def table(results: dict) -> str:
+    """Per class count finished: the rate, test and train accuracy, the published figure; with a sweep, the
+    best-of-sweep figure too."""
+    swept = any("best_of_sweep" in s for s in results["summary"])
+    header = f"{'classes':>7}  {'lr':>8}  {'test (std)':>16}  {'train (std)':>16}  "
+    lines = [header + (f"{'best-of-sweep test (lr)':>25}  " if swept else "") + f"{'published':>9}"]
     for s in results["summary"]:
-        best = s["best_of_sweep"]
-        published = f"{s['published']:.2f}" if s["published"] else "-"
-        lines.append(f"{s['classes']:>7}  {s['lr']:>8g}  {s['test'][0]:>8.4f} ({s['test'][1]:.4f})  "
-                     f"{s['train'][0]:>8.4f} ({s['train'][1]:.4f})  "
-                     f"{best['test'][0]:>12.4f} ({best['lr']:g})".ljust(25) + f"  {published:>9}")
-    lines.append("lr: chosen on separate selection runs where several were given; best-of-sweep: the best rate "
-                 "judged on the reported runs themselves (flattering, as published tables did)")
+        line = (f"{s['classes']:>7}  {s['lr']:>8g}  {s['test'][0]:>8.4f} ({s['test'][1]:.4f})  "
+                f"{s['train'][0]:>8.4f} ({s['train'][1]:.4f})  ")
+        if swept:
+            best = s.get("best_of_sweep")
+            line += (f"{best['test'][0]:>12.4f} ({best['lr']:g})" if best else "-").ljust(25) + "  "
+        lines.append(line + f"{s['published']:>9.2f}" if s["published"] else line + f"{'-':>9}")
+    if swept:
+        lines.append("lr: chosen on separate selection runs where several were given; best-of-sweep: the best rate "
+                     "judged on the reported runs themselves (flattering, as published tables did)")
     return "\n".join(lines)
+
+
+def save_rates(model: Path, results: dict, command: str) -> Path:
+    """Write, beside the model, the rate chosen on the selection runs for each class count swept, with its figures;
+    entries for other class counts already there stay."""
+    path = rates_path(model)
+    saved = json.loads(path.read_text())["classes"] if path.is_file() else {}
+    for s in results["summary"]:
+        if s["chosen_on"] == "selection runs":
+            saved[str(s["classes"])] = {"lr": s["lr"], "test": s["test"], "train": s["train"],
+                                        "selection_test": {f"{lr:g}": acc for lr, acc in s["selection"].items()},
+                                        "command": command, "date": datetime.date.today().isoformat()}
+    saved = dict(sorted(saved.items(), key=lambda item: int(item[0])))
+    path.write_text(json.dumps({"model": model.name, "classes": saved}, indent=1) + "\n")
+    return path
 
 
 def plot(results: dict, path: Path) -> None:
@@ -162,23 +223,38 @@ def plot(results: dict, path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
+def write_json(results: dict, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(json.dumps(results, indent=1))
+    tmp.replace(path)
+
+
 def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     args = parse_args(argv)
+    results = None
     try:
         check_args(args)
-        results = evaluate(args)
+        for results in evaluate(args):
+            for line in class_lines(results, results["summary"][-1]["classes"]):
+                tqdm.write(line)
+            if args.out:  # as the results come: a stopped evaluation keeps what it finished
+                write_json(results, args.out)
     except DataNotFoundError as err:
         sys.exit(f"error: {err}; point --data-root or OMNIGLOT_ROOT at the folder holding omniglot-py/"
                  + (", or drop --no-download to fetch it" if args.no_download else ""))
     except (OSError, ValueError) as err:
         sys.exit(f"error: {err}")
-    # Files first: a closed pipe on stdout (| head) must not lose them.
-    if args.out:
-        args.out.write_text(json.dumps(results, indent=1))
+    except KeyboardInterrupt:
+        if results and results["summary"]:
+            print("\n" + table(results))
+        sys.exit(f"interrupted: {len(results['summary']) if results else 0} of {len(args.classes)} class counts "
+                 "finished" + (f", kept in {args.out}" if args.out and results else ""))
+    if args.save_rates:
+        logging.info("chosen rates written to %s", save_rates(args.model, results, shlex.join(["python", *sys.argv])))
     if args.plot:
         plot(results, args.plot)
-    print(report(results))
+    print("\n" + table(results))
 
 
 if __name__ == "__main__":

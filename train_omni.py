@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import shlex
 import sys
 from pathlib import Path
 
@@ -26,8 +27,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--nm", type=int, help=f"NM channels (default {RECIPE.nm})")
     p.add_argument("--mask", type=int, help=f"gate size, 9 x RLN channels (default {RECIPE.mask})")
     p.add_argument("--epochs", type=int, help=f"meta-training iterations (default {RECIPE.epochs})")
-    p.add_argument("--inner-lr", type=float, help=f"inner-loop SGD learning rate (default {RECIPE.inner_lr})")
-    p.add_argument("--outer-lr", type=float, help=f"outer Adam learning rate (default {RECIPE.outer_lr})")
+    p.add_argument("--inner-lr", "--inner_lr", type=float, help=f"inner-loop SGD learning rate (default {RECIPE.inner_lr})")
+    p.add_argument("--outer-lr", "--outer_lr", type=float, help=f"outer Adam learning rate (default {RECIPE.outer_lr})")
     p.add_argument("--outer-lr-schedule", choices=["constant", "cosine"],
                    help="outer rate constant, or cosine-decayed from --outer-lr to 0 over --epochs (default constant)")
     p.add_argument("--conv-init", choices=["default", "kaiming"],
@@ -35,35 +36,55 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, help=f"seed for torch, numpy and random (default {RECIPE.seed})")
     p.add_argument("--save-every", type=int, help=f"checkpoint every N iterations (default {RECIPE.save_every})")
     p.add_argument("--log-every", type=int, help=f"log every N iterations (default {RECIPE.log_every})")
+    p.add_argument("--keep-states", type=int, help="keep the resumable state of the newest N checkpoints only, "
+                   f"the weights of all (default {RECIPE.keep_states})")
     p.add_argument("-d", "--device", choices=["cpu", "cuda"], help="default: cuda where available, else cpu")
     p.add_argument("--data-root", type=Path, help="folder holding omniglot-py/ (default $OMNIGLOT_ROOT, else ./data)")
     p.add_argument("--no-download", action="store_true", help="never download Omniglot; fail if it is absent")
-    p.add_argument("--out-dir", type=Path, default=Path("runs"), help="where checkpoints and the log go (default runs/)")
+    p.add_argument("--out-dir", type=Path, help="where checkpoints and the log go (default runs/, or the resumed "
+                   "checkpoint's folder)")
     p.add_argument("--resume", type=Path, metavar="CHECKPOINT",
                    help="continue the run saved as CHECKPOINT (its .state.pth must sit beside it)")
     return p.parse_args(argv)
 
 
-def run_config(args: argparse.Namespace, saved: RunConfig | None) -> RunConfig:
-    """The flags given, over the resumed run's config (or the defaults); a resumed run keeps its recipe."""
+def flag(key: str) -> str:
+    return "--" + key.replace("_", "-")
+
+
+def run_config(args: argparse.Namespace, saved: RunConfig | None, start: int = 0) -> RunConfig:
+    """The flags given, over the resumed run's config (or the defaults); a resumed run keeps its recipe and may
+    change only how it is kept (and its length, under the constant rate). `start`: the resumed run's next
+    iteration."""
     given = {f.name: getattr(args, f.name) for f in dataclasses.fields(RunConfig) if getattr(args, f.name) is not None}
     if saved is None:
         return RunConfig(**given)
     # The cosine schedule is drawn over the run's length: a longer run would change the rates already used.
-    extendable = {"epochs"} if saved.outer_lr_schedule == "constant" else set()
+    changeable = {"save_every", "log_every", "keep_states"}
+    if saved.outer_lr_schedule == "constant":
+        changeable.add("epochs")
     for key, value in given.items():
-        if key not in extendable and value != getattr(saved, key):
-            flag = "--" + key.replace("_", "-")
-            raise ValueError(f"{flag} {value} differs from the resumed run's {getattr(saved, key)}; "
-                             f"drop {flag} to resume it")
-    return dataclasses.replace(saved, **given)
+        if key not in changeable and value != getattr(saved, key):
+            raise ValueError(f"{flag(key)} {value} differs from the resumed run's {getattr(saved, key)}; "
+                             f"drop {flag(key)} to resume it")
+    config = dataclasses.replace(saved, **given)
+    if config.epochs <= start:
+        raise ValueError(f"the resumed run has done {start} of its {config.epochs} iterations; give --epochs above "
+                         f"{start} to go on")
+    return config
 
 
-def check_new_out_dir(out_dir: Path) -> None:
-    """A new run must not overwrite another run's log and checkpoints (the shipped model's, for one)."""
-    if (out_dir / "training_log.csv").exists():
-        raise ValueError(f"{out_dir} already holds a run (training_log.csv); continue it with --resume CHECKPOINT, "
-                         f"or start a new run with another --out-dir")
+def check_args(args: argparse.Namespace) -> None:
+    """Refuse bad flags before any work; a new run must not overwrite another run's log and checkpoints (the
+    shipped model's, for one)."""
+    for key in ("epochs", "save_every", "log_every", "keep_states"):
+        if getattr(args, key) is not None and getattr(args, key) < 1:
+            raise ValueError(f"{flag(key)} {getattr(args, key)} must be at least 1")
+    if args.out_dir.exists() and not args.out_dir.is_dir():
+        raise ValueError(f"--out-dir {args.out_dir} is a file, not a folder; give another --out-dir")
+    if not args.resume and (args.out_dir / "training_log.csv").exists():
+        raise ValueError(f"{args.out_dir} already holds a run (training_log.csv); continue it with --resume "
+                         "CHECKPOINT, or start a new run with another --out-dir")
 
 
 def plot_training_log(out_dir: Path, config: RunConfig) -> Path | None:
@@ -97,23 +118,37 @@ def plot_training_log(out_dir: Path, config: RunConfig) -> Path | None:
     return path
 
 
+def resume_command(args: argparse.Namespace, checkpoint: Path) -> str:
+    """The command line that continues this run from `checkpoint`, as the user started it."""
+    words = [sys.argv[0] if sys.argv[0].endswith("train_omni.py") else "train_omni.py", "--resume", str(checkpoint)]
+    if args.data_root:
+        words += ["--data-root", str(args.data_root)]
+    if args.no_download:
+        words.append("--no-download")
+    if args.device:
+        words += ["-d", args.device]
+    return " ".join(["python", *map(shlex.quote, words)])
+
+
 def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     args = parse_args(argv)
-    state = None
+    if args.out_dir is None:
+        args.out_dir = args.resume.parent if args.resume else Path("runs")
+    state = start = None
     try:
-        if not args.resume:  # before torchrun's rendezvous, so that no worker can have begun the log yet
-            check_new_out_dir(args.out_dir)
+        check_args(args)  # before torchrun's rendezvous, so that no worker can have begun a log yet
         device = runtime.resolve_device(args.device)
         if dist.is_torchelastic_launched():
             device = workers.join(device)
         data = load_split(find_root(args.data_root, download=not args.no_download), "images_background").to(device)
         if args.resume:
             resumed = RunState.resume(args.resume, device)
-            state = dataclasses.replace(resumed, config=run_config(args, resumed.config))
+            state = dataclasses.replace(resumed, config=run_config(args, resumed.config, resumed.iteration))
             logging.info("resuming %s at iteration %d", args.resume, state.iteration)
         else:
             state = RunState.fresh(run_config(args, None), device)
+        start = state.iteration
         runtime.keep_freed_memory()
         if workers.world_size() > 1:
             logging.info("meta-batch of %d tasks, one per worker", workers.world_size())
@@ -123,14 +158,18 @@ def main(argv: list[str] | None = None) -> None:
                  + (", or drop --no-download to fetch it" if args.no_download else ""))
     except (OSError, ValueError) as err:
         sys.exit(f"error: {err}")
-    except KeyboardInterrupt as stop:
-        sys.exit(f"interrupted: {stop}")
+    except KeyboardInterrupt:
+        if state is None or state.iteration == start:
+            sys.exit("interrupted before the first iteration; nothing new was saved")
+        sys.exit(f"interrupted after iteration {state.iteration - 1}; resume with: "
+                 f"{resume_command(args, state.checkpoint(args.out_dir))}")
     finally:
+        curve = None
         if state is not None and workers.rank() == 0 and (args.out_dir / "training_log.csv").is_file():
-            plot_training_log(args.out_dir, state.config)
+            curve = plot_training_log(args.out_dir, state.config)
         if dist.is_initialized():
             dist.destroy_process_group()
-    logging.info("done: %s", last)
+    logging.info("done: %s, log %s, curve %s", last, args.out_dir / "training_log.csv", curve)
 
 
 if __name__ == "__main__":

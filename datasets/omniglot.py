@@ -22,6 +22,7 @@ ARCHIVE_MD5 = {"images_background": "68d2efa1b9178cc56df9314c21c6e718",
                "images_evaluation": "6b91aef0f799c5bb55b94e3f2daec811"}
 DEFAULT_ROOT = Path(__file__).resolve().parent.parent / "data"
 IMAGE_SIZE = 28
+DRAWINGS_PER_CLASS = 20
 # Part of the cache key: change it whenever the preprocessing below changes.
 PREPROCESSING = f"L-lanczos-{IMAGE_SIZE}-uint8-v1"
 
@@ -82,7 +83,11 @@ def _image_files(split_dir: Path) -> list[tuple[int, Path]]:
     files = []
     characters = [c for a in sorted(split_dir.iterdir()) if a.is_dir() for c in sorted(a.iterdir()) if c.is_dir()]
     for cls, character in enumerate(characters):
-        files += [(cls, f) for f in sorted(character.glob("*.png"))]
+        drawings = sorted(character.glob("*.png"))
+        if len(drawings) != DRAWINGS_PER_CLASS:
+            raise ValueError(f"{character} holds {len(drawings)} drawings, not {DRAWINGS_PER_CLASS}: the data set "
+                             "is incomplete; extract it again")
+        files += [(cls, f) for f in drawings]
     return files
 
 

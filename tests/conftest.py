@@ -1,4 +1,3 @@
-import os
 import sys
 from pathlib import Path
 
@@ -7,15 +6,17 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from datasets import find_root, load_split  # noqa: E402
+from datasets import DataNotFoundError, find_root, load_split  # noqa: E402
 
 
 @pytest.fixture(scope="session")
 def omniglot_root() -> Path:
-    root = os.environ.get("OMNIGLOT_ROOT")
-    if not root:
-        pytest.skip("set OMNIGLOT_ROOT to the folder holding omniglot-py/ (e.g. ../shared/omniglot)")
-    return find_root(root, download=False)
+    """Omniglot found as the programs find it ($OMNIGLOT_ROOT, else data/, downloaded there where the network
+    allows); without it the whole run stops with the reason, rather than skipping the tests that need it."""
+    try:
+        return find_root()
+    except DataNotFoundError as err:
+        pytest.exit(f"error: {err}; set OMNIGLOT_ROOT to the folder holding omniglot-py/", returncode=1)
 
 
 @pytest.fixture(scope="session")

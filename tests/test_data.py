@@ -1,4 +1,7 @@
+import os
 import shutil
+import subprocess
+import sys
 import time
 
 import numpy as np
@@ -8,6 +11,7 @@ from PIL import Image
 
 import datasets.omniglot as omniglot
 from datasets import find_root, load_split, sample_meta_test, sample_meta_train
+from tests.conftest import REPO
 
 
 def test_class_counts_and_order(background, evaluation, omniglot_root):
@@ -109,3 +113,15 @@ def test_missing_data_offline(tmp_path, monkeypatch):
     monkeypatch.setattr("torchvision.datasets.utils.download_and_extract_archive", no_network)
     with pytest.raises(FileNotFoundError, match=f"not found under {tmp_path}.*downloading it failed"):
         find_root(tmp_path, download=True)
+
+
+def test_suite_without_data_stops_with_the_reason(tmp_path):
+    """Where Omniglot cannot be had, the tests that need it do not skip quietly: the run stops, saying why."""
+    unreachable = "http://127.0.0.1:9"  # a refused proxy: no download can succeed, and none waits
+    env = {**os.environ, "OMNIGLOT_ROOT": str(tmp_path / "nowhere"), "https_proxy": unreachable,
+           "HTTPS_PROXY": unreachable}
+    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                             "tests/test_data.py::test_meta_test_sampler"], cwd=REPO, env=env, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 1
+    assert "error: Omniglot not found under" in result.stdout and "set OMNIGLOT_ROOT" in result.stdout

@@ -1,6 +1,7 @@
 import copy
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -170,9 +171,8 @@ def test_end_to_end_with_sweep_json_and_plot(checkpoint, omniglot_root, tmp_path
 
 def test_seed_reproduces_runs(small_model, checkpoint, omniglot_root):
     args = ["-m", str(checkpoint), "-c", "4", "-l", "0.002", "-r", "2", "-d", "cpu", "--data-root", str(omniglot_root)]
-    first = eval_omni.evaluate(eval_omni.parse_args(args + ["--seed", "1"]))["runs"]
-    again = eval_omni.evaluate(eval_omni.parse_args(args + ["--seed", "1"]))["runs"]
-    other = eval_omni.evaluate(eval_omni.parse_args(args + ["--seed", "2"]))["runs"]
+    first, again, other = ([*eval_omni.evaluate(eval_omni.parse_args([*args, "--seed", seed]))][-1]["runs"]
+                           for seed in ("1", "1", "2"))
     assert first == again
     assert [r["seed"] for r in first] != [r["seed"] for r in other]
 
@@ -184,6 +184,7 @@ def test_seed_reproduces_runs(small_model, checkpoint, omniglot_root):
     (["-l", "0"], ["--lr 0.0", "positive"]),
     (["-m", "trained_anmls/256_112_2304_ANML-12345.pth"], ["no such checkpoint"]),
     (["-m", "README.md"], ["checkpoint name"]),
+    (["--out", "tests"], ["--out tests is a folder"]),
 ])
 def test_bad_input_is_one_line_before_work(args, words, tmp_path):
     result = eval_cli(*args, "--data-root", tmp_path / "nowhere")  # data is never reached
@@ -202,3 +203,53 @@ def test_checkpoint_of_other_sizes_is_one_line(tmp_path):
     torch.save(ANML(*SIZES).state_dict(), wrong)
     result = eval_cli("-m", wrong, "-c", "5", "--data-root", tmp_path / "nowhere")
     assert_one_line_error(result, "do not match an ANML(32, 8, 288)")
+
+
+def test_not_a_checkpoint_is_one_line(tmp_path):
+    path = tmp_path / "32_16_288_ANML-1.pth"
+    path.write_text("not weights")
+    assert_one_line_error(eval_cli("-m", path, "--data-root", tmp_path / "nowhere"), "is not an ANML checkpoint")
+
+
+def test_default_model_is_found_from_any_folder(tmp_path):
+    result = subprocess.run([sys.executable, str(REPO / "eval_omni.py"), "-c", "5", "-d", "cpu", "--no-download",
+                             "--data-root", str(tmp_path / "nowhere")], cwd=tmp_path, capture_output=True, text=True,
+                            timeout=600)
+    assert_one_line_error(result, "Omniglot not found", "--data-root")  # past the model: the data is missing
+
+
+def test_results_come_class_count_by_class_count(checkpoint, omniglot_root, tmp_path, monkeypatch, capsys):
+    """Each class count's line as soon as its runs finish, the JSON as results come; Ctrl-C keeps them."""
+    out = tmp_path / "new" / "folder" / "r.json"
+    real = meta_test.meta_test_runs
+
+    def interrupt_the_second_count(model, features, data, n_classes, *args):
+        if n_classes == 4:
+            raise KeyboardInterrupt
+        return real(model, features, data, n_classes, *args)
+    monkeypatch.setattr(meta_test, "meta_test_runs", interrupt_the_second_count)
+    with pytest.raises(SystemExit) as stop:
+        eval_omni.main(["-m", str(checkpoint), "-c", "3", "4", "-l", "0.002", "-r", "2", "-d", "cpu",
+                        "--data-root", str(omniglot_root), "--out", str(out)])
+    assert stop.value.code == f"interrupted: 1 of 2 class counts finished, kept in {out}"
+    printed = capsys.readouterr().out
+    assert "Classes 3 Accuracy" in printed and "Classes 4" not in printed
+    assert "best-of-sweep" not in printed  # one rate: nothing was swept
+    assert [s["classes"] for s in json.loads(out.read_text())["summary"]] == [3]
+
+
+def test_rates_chosen_for_a_model_are_its_default(checkpoint, omniglot_root, tmp_path):
+    model = tmp_path / checkpoint.name
+    shutil.copy(checkpoint, model)
+    common = ["-m", model, "-r", 1, "-d", "cpu", "--data-root", omniglot_root]
+    sweep = eval_cli(*common, "-c", 3, "-l", 0.0005, 0.02, "--select-runs", 2, "--save-rates")
+    assert sweep.returncode == 0, sweep.stderr
+    assert "best-of-sweep" in sweep.stdout
+    chosen = json.loads(model.with_suffix(".json").read_text())["classes"]["3"]
+    assert chosen["lr"] in (0.0005, 0.02) and set(chosen["selection_test"]) == {"0.0005", "0.02"}
+    again = eval_cli(*common, "-c", 3, 5, "--out", tmp_path / "r.json")
+    assert again.returncode == 0, again.stderr
+    assert "rates chosen for this model" in again.stderr
+    runs = json.loads((tmp_path / "r.json").read_text())["runs"]
+    assert {r["lr"] for r in runs if r["classes"] == 3} == {chosen["lr"]}
+    assert {r["lr"] for r in runs if r["classes"] == 5} == {0.001}  # no rate chosen for 5 classes: the published

@@ -1,5 +1,9 @@
+import shlex
+import shutil
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -65,13 +69,6 @@ def test_cuda_without_cuda(tmp_path, omniglot_root):
     assert_one_line_error(result, "-d cuda", "-d cpu")
 
 
-def test_resume_checkpoint_of_other_sizes(tmp_path, omniglot_root):
-    wrong = tmp_path / "32_8_288_ANML-1.pth"
-    torch.save(ANML(16, 8, 144).state_dict(), wrong)
-    result = train_omni("--resume", wrong, "--data-root", omniglot_root, "--out-dir", tmp_path, check=False)
-    assert_one_line_error(result, "32_8_288_ANML-1.pth", "do not match")
-
-
 def test_resume_with_a_different_recipe(tmp_path, omniglot_root):
     train_omni(*SMALL, "--epochs", 1, "--data-root", omniglot_root, "--out-dir", tmp_path)
     result = train_omni("--resume", tmp_path / "16_8_144_ANML-0.pth", "--outer-lr", 0.001, "--epochs", 2,
@@ -87,3 +84,137 @@ def test_recipe_is_kept_on_resume():
     with pytest.raises(ValueError, match="--epochs 20 differs from the resumed run's 10"):
         run_config(parse_args(["--epochs", "20"]), RunConfig(epochs=10, outer_lr_schedule="cosine"))
     assert run_config(parse_args(["--rln", "16"]), None).mask == 144
+
+
+FIXTURE = REPO / "tests" / "fixtures" / "run_4_4_36"
+
+
+def saved_run(folder):
+    """A small run saved at iteration 1 of 4 (seed 5), in `folder`."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for f in ("4_4_36_ANML-1.pth", "4_4_36_ANML-1.state.pth", "training_log.csv"):
+        shutil.copy(FIXTURE / f, folder)
+    return folder / "4_4_36_ANML-1.pth"
+
+
+def incomplete_data(omniglot_root, folder):
+    """Two characters of each split, one drawing of the first deleted."""
+    for split in ("images_background", "images_evaluation"):
+        src = omniglot_root / "omniglot-py" / split
+        alphabet = sorted(src.iterdir())[0]
+        for character in sorted(alphabet.iterdir())[:2]:
+            shutil.copytree(character, folder / "omniglot-py" / split / alphabet.name / character.name)
+    drawing = sorted((folder / "omniglot-py" / "images_background").glob("*/*/*.png"))[0]
+    drawing.unlink()
+    return folder, drawing.parent.name
+
+
+def not_a_checkpoint(tmp_path, _):
+    path = tmp_path / "16_8_144_ANML-1.pth"
+    path.write_text("these are not weights\n")
+    return ["--resume", path], ["16_8_144_ANML-1.pth", "is not an ANML checkpoint"]
+
+
+def truncated_checkpoint(tmp_path, _):
+    path = saved_run(tmp_path / "run")
+    path.write_bytes(path.read_bytes()[:5000])
+    return ["--resume", path], ["4_4_36_ANML-1.pth", "is not an ANML checkpoint"]
+
+
+def junk_state(tmp_path, _):
+    path = saved_run(tmp_path / "run")
+    path.with_name("4_4_36_ANML-1.state.pth").write_bytes(b"\x80\x04junk" * 100)
+    return ["--resume", path], ["4_4_36_ANML-1.state.pth", "is not a run's state file"]
+
+
+def other_sizes(tmp_path, _):
+    path = tmp_path / "32_8_288_ANML-1.pth"
+    torch.save(ANML(16, 8, 144).state_dict(), path)
+    return ["--resume", path], ["32_8_288_ANML-1.pth", "rln.convBlock1.conv.weight is (16, 1, 3, 3)",
+                                "wants (32, 1, 3, 3)"]
+
+
+def resume_past_its_end(tmp_path, _):
+    return ["--resume", saved_run(tmp_path / "run"), "--epochs", 2], ["done 2 of its 2", "--epochs above 2"]
+
+
+def out_dir_is_a_file(tmp_path, _):
+    (tmp_path / "file").write_text("")
+    return ["--out-dir", tmp_path / "file"], ["is a file", "--out-dir"]
+
+
+def drawing_missing(tmp_path, omniglot_root):
+    root, character = incomplete_data(omniglot_root, tmp_path / "data")
+    return ["--data-root", root], [character, "holds 19 drawings, not 20"]
+
+
+def interval(name, value):
+    def case(tmp_path, _):
+        return [name, value], [f"{name} {value} must be at least 1"]
+    case.__name__ = f"{name}_{value}"
+    return case
+
+
+@pytest.mark.parametrize("case", [not_a_checkpoint, truncated_checkpoint, junk_state, other_sizes,
+                                  resume_past_its_end, out_dir_is_a_file, drawing_missing,
+                                  interval("--save-every", 0), interval("--log-every", 0),
+                                  interval("--epochs", 0), interval("--epochs", -3)], ids=lambda c: c.__name__)
+def test_bad_input_is_one_line_and_blocks_nothing(case, tmp_path, omniglot_root):
+    args, words = case(tmp_path, omniglot_root)
+    if "--data-root" not in args:
+        args += ["--data-root", omniglot_root]
+    out = [] if "--out-dir" in args or "--resume" in args else ["--out-dir", tmp_path / "out"]
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    assert_one_line_error(train_omni(*SMALL, *args, *out, check=False) if "--resume" not in args
+                          else train_omni(*args, check=False), *words)
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
+
+
+def test_resume_goes_on_in_the_checkpoints_folder(tmp_path, omniglot_root):
+    checkpoint = saved_run(tmp_path / "run")
+    stale = tmp_path / "run" / ".4_4_36_ANML-1.pth.tmp99999"  # what a killed save leaves
+    stale.write_bytes(b"half")
+    result = train_omni("--resume", checkpoint, "--keep-states", 1, "--data-root", omniglot_root)
+    assert not stale.exists()
+    assert sorted(p.name for p in (tmp_path / "run").glob("*.pth")) == [
+        "4_4_36_ANML-1.pth", "4_4_36_ANML-3.pth", "4_4_36_ANML-3.state.pth"]
+    assert [r.split(",")[0] for r in (tmp_path / "run" / "training_log.csv").read_text().splitlines()[1:]] == [
+        "0", "1", "2", "3"]
+    last = result.stderr.strip().splitlines()[-1]
+    assert "4_4_36_ANML-3.pth" in last and "training_log.csv" in last and "training_curve.png" in last
+
+
+def test_short_run_logs_its_last_iterations_aligned_across_a_resume(tmp_path, omniglot_root):
+    flags = ["--rln", 4, "--nm", 4, "--log-every", 4, "-d", "cpu", "--data-root", omniglot_root]
+    train_omni(*flags, "--epochs", 2, "--out-dir", tmp_path)
+    assert [r.split(",")[0] for r in (tmp_path / "training_log.csv").read_text().splitlines()[1:]] == ["1"]
+    assert (tmp_path / "training_curve.png").is_file()
+    train_omni("--resume", tmp_path / "4_4_36_ANML-1.pth", "--epochs", 6, "--data-root", omniglot_root)
+    assert [r.split(",")[0] for r in (tmp_path / "training_log.csv").read_text().splitlines()[1:]] == ["1", "3", "5"]
+
+
+def test_ctrl_c_prints_a_resume_command_that_works(tmp_path, omniglot_root):
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "train_omni.py", "--rln", "4", "--nm", "4", "--epochs", "100000",
+                             "--save-every", "1", "-d", "cpu", "--data-root", str(omniglot_root), "--out-dir", str(out)],
+                            cwd=REPO, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while not list(out.glob("*.state.pth")) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    stderr = proc.communicate(timeout=300)[1]
+    assert proc.returncode != 0
+    last = stderr.strip().splitlines()[-1]
+    assert last.startswith("interrupted after iteration") and "resume with: python " in last
+    command = shlex.split(last.split("resume with: ")[1])
+    iteration = int(last.split("iteration ")[1].split(";")[0])
+    resumed = subprocess.run([sys.executable, *command[1:], "--epochs", str(iteration + 2)], cwd=REPO,
+                             capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr
+    assert (out / f"4_4_36_ANML-{iteration + 1}.pth").is_file()
+
+
+def test_reference_spellings_and_seed():
+    args = parse_args(["--inner_lr", "0.2", "--outer_lr", "0.001"])
+    assert (args.inner_lr, args.outer_lr) == (0.2, 0.001)
+    assert run_config(parse_args([]), None).seed == 1
