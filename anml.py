@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import functools
 import logging
 import math
 import random
 import signal
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +24,7 @@ from torch import nn
 from tqdm import tqdm
 
 import checkpoints
+import cuda_graph
 import workers
 from datasets import Omniglot, sample_meta_train
 from model import ANML, Plastic, kaiming_conv_init
@@ -116,17 +119,22 @@ def plain_meta_step(model: ANML, outer_opt: torch.optim.Optimizer,
     return loss.detach(), (logits.argmax(1) == labels).float().mean()
 
 
-def meta_iteration(model: ANML, outer_opt: torch.optim.Optimizer, data: Omniglot,
-                   inner_lr: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """One meta-training iteration: draw a task from torch's global generator, lobotomize its class (every
-    worker receives every worker's re-drawn row under torchrun), then meta_step. Returns its loss and accuracy."""
+def meta_iteration(model: ANML, data: Omniglot,
+                   step: Callable[..., tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """One meta-training iteration: draw a task from torch's global generator, lobotomize its class (every worker
+    receives every worker's re-drawn row under torchrun), then `step` on the task's four tensors: meta_step with its
+    model, optimizer and inner rate bound (see `eager_step`), or that replayed as a CUDA graph. Returns its loss and
+    accuracy, on the device."""
     traj, remember = sample_meta_train(data)
-    traj_ims, traj_labels = data.batch(traj)
-    remember_ims, remember_labels = data.batch(remember)
-    cls = int(traj_labels[0])
+    cls = int(data.labels[traj[0]])  # the labels stay on the CPU: no wait for the device
     lobotomize(model, cls)
     workers.share_lobotomies(model, cls)
-    return meta_step(model, outer_opt, traj_ims, traj_labels, remember_ims, remember_labels, inner_lr)
+    return step(*data.batch(traj), *data.batch(remember))
+
+
+def eager_step(model: ANML, outer_opt: torch.optim.Optimizer, inner_lr: float) -> Callable:
+    """meta_step of this model, optimizer and inner rate, as a function of the task's four tensors."""
+    return functools.partial(meta_step, model, outer_opt, inner_lr=inner_lr)
 
 
 def get_lr(it: int, config: RunConfig) -> float:
@@ -137,6 +145,15 @@ def get_lr(it: int, config: RunConfig) -> float:
     if config.outer_lr_schedule == "constant":
         return config.outer_lr
     return config.outer_lr * 0.5 * (1 + math.cos(math.pi * it / config.epochs))
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """The rate of every group; in place where it is a device tensor (under a CUDA graph)."""
+    for group in optimizer.param_groups:
+        if isinstance(group["lr"], torch.Tensor):
+            group["lr"].fill_(lr)
+        else:
+            group["lr"] = lr
 
 
 def outer_optimizer(model: ANML, lr: float) -> torch.optim.Adam:
@@ -194,8 +211,8 @@ class RunState:
         c, path = self.config, self.checkpoint(out_dir)
         rng = workers.gather(checkpoints.rng_state())
         if workers.rank() == 0:
-            checkpoints.save_run(path, self.model, self.optimizer.state_dict(), rng, dataclasses.asdict(c),
-                                 self.iteration - 1)
+            checkpoints.save_run(path, self.model, cuda_graph.portable_state(self.optimizer), rng,
+                                 dataclasses.asdict(c), self.iteration - 1)
             checkpoints.prune_states(out_dir, c.keep_states)
         return path
 
@@ -212,8 +229,11 @@ def _open_log(path: Path, start: int):
     return path.open("a", newline="")
 
 
-def train(state: RunState, data: Omniglot, out_dir: Path) -> Path:
+def train(state: RunState, data: Omniglot, out_dir: Path, graphed: bool = False) -> Path:
     """Meta-train from state.iteration to config.epochs; returns the last checkpoint.
+
+    graphed (CUDA only): each iteration's meta_step, after the lobotomy, is a replay of one CUDA graph (the first
+    few run eagerly, then it is captured); the same computation, without the launch of each of its kernels.
 
     Every log_every iterations, and at the end, the mean outer loss and accuracy since the last row go to the log.
     Ctrl-C finishes the current iteration, saves, then raises KeyboardInterrupt. Under torchrun each worker runs
@@ -224,6 +244,10 @@ def train(state: RunState, data: Omniglot, out_dir: Path) -> Path:
     if workers.rank() == 0:
         log_file = _open_log(out_dir / "training_log.csv", state.iteration)
         checkpoints.remove_temporaries(out_dir)
+    step = eager_step(state.model, state.optimizer, config.inner_lr)
+    if graphed:
+        cuda_graph.make_capturable(state.optimizer)
+        step = cuda_graph.CudaGraphed(step)
     interrupted = []
     previous_handler = signal.signal(signal.SIGINT, lambda *_: interrupted.append(True))
     window, last = [], None
@@ -231,9 +255,8 @@ def train(state: RunState, data: Omniglot, out_dir: Path) -> Path:
         bar = tqdm(range(state.iteration, config.epochs), initial=state.iteration, total=config.epochs,
                    desc="meta-train", disable=workers.rank() > 0)
         for it in bar:
-            for group in state.optimizer.param_groups:
-                group["lr"] = get_lr(it, config)
-            loss_acc = torch.stack(meta_iteration(state.model, state.optimizer, data, config.inner_lr))
+            set_lr(state.optimizer, get_lr(it, config))
+            loss_acc = torch.stack(meta_iteration(state.model, data, step))
             # Under torchrun: the meta-batch's mean loss and accuracy, and whether any worker was interrupted.
             loss_acc, stop = workers.mean_and_any(loss_acc, bool(interrupted))
             window.append(loss_acc)

@@ -28,3 +28,10 @@ def keep_freed_memory() -> None:
         return
     libc.mallopt(-4, 0)  # M_MMAP_MAX: no mmap-backed blocks
     libc.mallopt(-1, 2**31 - 1)  # M_TRIM_THRESHOLD: never trim the heap
+
+
+def float32_only() -> None:
+    """No TF32 on CUDA (cuDNN's convolutions use it by default on Ampere and later): the numbers stay float32, as on
+    a CPU and the pre-Ampere GPUs of the published runs."""
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False

@@ -39,6 +39,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--keep-states", type=int, help="keep the resumable state of the newest N checkpoints only, "
                    f"the weights of all (default {RECIPE.keep_states})")
     p.add_argument("-d", "--device", choices=["cpu", "cuda"], help="default: cuda where available, else cpu")
+    p.add_argument("--no-cuda-graph", action="store_true",
+                   help="on CUDA, run each iteration eagerly instead of replaying it as one CUDA graph")
     p.add_argument("--data-root", type=Path, help="folder holding omniglot-py/ (default $OMNIGLOT_ROOT, else ./data)")
     p.add_argument("--no-download", action="store_true", help="never download Omniglot; fail if it is absent")
     p.add_argument("--out-dir", type=Path, help="where checkpoints and the log go (default runs/, or the resumed "
@@ -139,6 +141,8 @@ def main(argv: list[str] | None = None) -> None:
     try:
         check_args(args)  # before torchrun's rendezvous, so that no worker can have begun a log yet
         device = runtime.resolve_device(args.device)
+        if device.type == "cuda":
+            runtime.float32_only()
         if dist.is_torchelastic_launched():
             device = workers.join(device)
         data = load_split(find_root(args.data_root, download=not args.no_download), "images_background").to(device)
@@ -152,7 +156,9 @@ def main(argv: list[str] | None = None) -> None:
         runtime.keep_freed_memory()
         if workers.world_size() > 1:
             logging.info("meta-batch of %d tasks, one per worker", workers.world_size())
-        last = anml.train(state, data, args.out_dir)
+        # Under torchrun each iteration also exchanges fc rows and gradients between workers: eager (not captured).
+        graphed = device.type == "cuda" and not args.no_cuda_graph and workers.world_size() == 1
+        last = anml.train(state, data, args.out_dir, graphed)
     except DataNotFoundError as err:
         sys.exit(f"error: {err}; point --data-root or OMNIGLOT_ROOT at the folder holding omniglot-py/"
                  + (", or drop --no-download to fetch it" if args.no_download else ""))

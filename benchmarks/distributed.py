@@ -32,10 +32,11 @@ def worker(rank: int, workers: int, iterations: int, store: str, result: mp.Simp
     runtime.keep_freed_memory()
     data = load_split(find_root(), "images_background")
     state = RunState.fresh(RunConfig(), torch.device("cpu"))
+    step = anml.eager_step(state.model, state.optimizer, state.config.inner_lr)
     for it in range(iterations + 1):
         if it == 1:  # the first iteration warms up
             start = time.perf_counter()
-        anml.meta_iteration(state.model, state.optimizer, data, state.config.inner_lr)
+        anml.meta_iteration(state.model, data, step)
     if rank == 0:
         result.put(iterations / (time.perf_counter() - start))
     if workers > 1:

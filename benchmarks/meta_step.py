@@ -1,4 +1,5 @@
-"""Seconds per meta-training iteration: this project's meta_step against the plain higher loop, same inputs.
+"""Seconds per meta-training iteration: this project's meta_step against the plain higher loop, same inputs; on
+CUDA also meta_step replayed as one CUDA graph (TF32 off, as in training).
 
     OMNIGLOT_ROOT=../shared/omniglot python benchmarks/meta_step.py [--iterations 5] [-d cpu]
 """
@@ -6,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import statistics
 import sys
 import time
@@ -15,34 +17,43 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import anml  # noqa: E402
+import cuda_graph  # noqa: E402
 import runtime  # noqa: E402
 from datasets import find_root, load_split, sample_meta_train  # noqa: E402
 from model import ANML  # noqa: E402
 
 
-def seconds_per_step(step, model, tasks, device) -> float:
-    opt = torch.optim.Adam(model.parameters(), lr=0.003)
+def seconds_per_step(step, tasks, device, warmup: int = 1) -> float:
+    """Median seconds of step(*task) over the tasks after the first `warmup`."""
     times = []
     for task in tasks:
         start = time.perf_counter()
-        step(model, opt, *task)
+        step(*task)
         if device.type == "cuda":
             torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
-    return statistics.median(times[1:])  # the first call warms up
+    return statistics.median(times[warmup:])
+
+
+def eager(step, model: ANML, capturable: bool = False):
+    opt = torch.optim.Adam(model.parameters(), lr=0.003, capturable=capturable)
+    return functools.partial(step, model, opt)
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--iterations", type=int, default=5, help="timed iterations per path (plus one warm-up)")
+    p.add_argument("--iterations", type=int, default=5, help="timed iterations per path (plus warm-up)")
     p.add_argument("-d", "--device", choices=["cpu", "cuda"])
     args = p.parse_args()
     device = runtime.resolve_device(args.device)
     runtime.keep_freed_memory()
+    if device.type == "cuda":
+        runtime.float32_only()
     data = load_split(find_root(), "images_background").to(device)
     torch.manual_seed(0)
     tasks = []
-    for _ in range(args.iterations + 1):
+    graph_warmup = cuda_graph.WARMUP + 1 if device.type == "cuda" else 0  # eager calls, then the capture
+    for _ in range(args.iterations + graph_warmup + 1):
         traj, remember = sample_meta_train(data)
         tasks.append((*data.batch(traj), *data.batch(remember)))
     model = ANML().to(device)
@@ -53,12 +64,17 @@ def main() -> None:
     worst, worst_name = max((((a - b).norm() / b.norm()).item(), name) for (name, a), b in
                             zip(fast.named_parameters(), plain.parameters()) if not name.endswith("conv.bias"))
 
-    t_fast = seconds_per_step(anml.meta_step, copy.deepcopy(model), tasks, device)
-    t_plain = seconds_per_step(anml.plain_meta_step, copy.deepcopy(model), tasks, device)
-    print(f"device {device}, {torch.get_num_threads()} threads, median of {args.iterations} iterations")
-    print(f"plain higher loop  {t_plain:.3f} s/iteration")
-    print(f"anml.meta_step     {t_fast:.3f} s/iteration")
-    print(f"speed-up           {t_plain / t_fast:.1f}x")
+    t_fast = seconds_per_step(eager(anml.meta_step, copy.deepcopy(model)), tasks[graph_warmup:], device)
+    t_plain = seconds_per_step(eager(anml.plain_meta_step, copy.deepcopy(model)), tasks[graph_warmup:], device)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    print(f"device {device} ({name}), {torch.get_num_threads()} threads, median of the iterations after warm-up")
+    print(f"plain higher loop  {t_plain:.4f} s/iteration")
+    print(f"anml.meta_step     {t_fast:.4f} s/iteration   {t_plain / t_fast:.1f}x the plain loop")
+    if device.type == "cuda":
+        graphed = cuda_graph.CudaGraphed(eager(anml.meta_step, copy.deepcopy(model), capturable=True))
+        t_graph = seconds_per_step(graphed, tasks, device, warmup=graph_warmup + 1)
+        print(f"one CUDA graph     {t_graph:.4f} s/iteration   {t_plain / t_graph:.1f}x the plain loop, "
+              f"{t_fast / t_graph:.1f}x meta_step")
     print(f"largest relative difference of a parameter after one step (SGD lr 1, float32): "
           f"{worst:.1e} ({worst_name})")
 

@@ -47,12 +47,15 @@ class Omniglot:
         return (self.labels == cls).nonzero().flatten()
 
     def to(self, device: torch.device | str) -> "Omniglot":
-        return Omniglot(self.images.to(device), self.labels.to(device), self.key)
+        """The images on `device`; the labels stay on the CPU, where the samplers read them without waiting for it."""
+        return Omniglot(self.images.to(device), self.labels, self.key)
 
     def batch(self, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Float images in [0, 1] and labels at the given indices."""
-        indices = indices.to(self.images.device)
-        return self.images[indices].float() / 255, self.labels[indices]
+        """Float images in [0, 1] and labels at the given (CPU) indices, on the images' device."""
+        labels = self.labels[indices]
+        if self.images.is_cuda:  # pinned and non-blocking: the copies queue behind the device's work, no wait
+            indices, labels = (t.pin_memory().to(self.images.device, non_blocking=True) for t in (indices, labels))
+        return self.images[indices].float() / 255, labels
 
 
 class DataNotFoundError(FileNotFoundError):

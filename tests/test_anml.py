@@ -87,7 +87,8 @@ def test_meta_iteration_draws_a_task_and_lobotomizes_its_class(background):
     torch.manual_seed(3)
     traj, _ = sample_meta_train(background)
     torch.manual_seed(3)
-    loss, acc = anml.meta_iteration(model, torch.optim.SGD(model.parameters(), lr=0.0), background, 0.1)
+    step = anml.eager_step(model, torch.optim.SGD(model.parameters(), lr=0.0), 0.1)
+    loss, acc = anml.meta_iteration(model, background, step)
     changed = (before["fc.weight"] != model.fc.weight).any(1)
     assert changed.nonzero().flatten().tolist() == [int(background.labels[traj[0]])]
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items() if k != "fc.weight")

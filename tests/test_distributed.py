@@ -41,7 +41,7 @@ def step_worker(rank, tmp_path, root):
     torch.set_rng_state(rng)
     before = []  # the shared weights after every worker's lobotomy, as the averaged step meets them
     state.optimizer.register_step_pre_hook(lambda *_: before.append(copy.deepcopy(state.model.state_dict())))
-    anml.meta_iteration(state.model, state.optimizer, data, CONFIG.inner_lr)
+    anml.meta_iteration(state.model, data, anml.eager_step(state.model, state.optimizer, CONFIG.inner_lr))
     torch.save({"traj": traj, "remember": remember, "before": before[0], "after": state.model.state_dict()},
                tmp_path / f"step{rank}.pt")
     dist.destroy_process_group()
@@ -65,7 +65,7 @@ def test_single_process_is_the_plain_loop(background, tmp_path):
     plain = ANML(16, 8, 144)
     plain_opt = torch.optim.Adam(plain.parameters(), lr=CONFIG.outer_lr)
     for _ in range(CONFIG.epochs):
-        anml.meta_iteration(plain, plain_opt, background, CONFIG.inner_lr)
+        anml.meta_iteration(plain, background, anml.eager_step(plain, plain_opt, CONFIG.inner_lr))
     for a, b in zip(state.model.state_dict().values(), plain.state_dict().values()):
         assert torch.equal(a, b)
 

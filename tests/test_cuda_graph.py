@@ -1,0 +1,121 @@
+"""The CUDA-graph path of meta-training against the eager one (skipped without a GPU)."""
+import dataclasses
+import shutil
+
+import pytest
+import torch
+
+import anml
+import cuda_graph
+import runtime
+from anml import RunConfig, RunState
+from datasets import sample_meta_train
+from model import ANML
+from tests.conftest import REPO
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+CUDA = torch.device("cuda")
+
+
+@pytest.fixture(autouse=True)
+def no_tf32():
+    runtime.float32_only()
+
+
+@pytest.fixture(scope="module")
+def on_gpu(background):
+    return background.to(CUDA)
+
+
+class KeepGradients(torch.optim.Optimizer):
+    """A step that copies each gradient aside and leaves the weights as they are."""
+
+    def __init__(self, params):
+        super().__init__(params, {})
+
+    @torch.no_grad()
+    def step(self):
+        for group in self.param_groups:
+            for p in group["params"]:
+                self.state[p].setdefault("grad", torch.zeros_like(p)).copy_(p.grad)
+
+
+def test_replay_gives_the_eager_gradients(on_gpu):
+    torch.manual_seed(0)
+    traj, remember = sample_meta_train(on_gpu)
+    task = (*on_gpu.batch(traj), *on_gpu.batch(remember))
+    model = ANML().to(CUDA)
+    keep = KeepGradients(model.parameters())
+    step = cuda_graph.CudaGraphed(anml.eager_step(model, keep, 0.1))
+    eager_loss = None
+    for call in range(cuda_graph.WARMUP):
+        eager_loss, _ = step(*task)
+    eager = [keep.state[p]["grad"].clone() for p in model.parameters()]
+    replay_loss, _ = step(*task)  # captured, then replayed
+    assert step.graph is not None
+    torch.testing.assert_close(replay_loss, eager_loss, rtol=1e-5, atol=0)
+    for (name, p), grad in zip(model.named_parameters(), eager):
+        if name.endswith("conv.bias"):  # feeds an instance norm: its true gradient is zero, what is computed is noise
+            continue
+        replayed = keep.state[p]["grad"]
+        assert ((replayed - grad).norm() / grad.norm()).item() < 1e-4, name
+
+
+def compare(a: dict, b: dict, lr: float, steps: int) -> None:
+    for name, value in a.items():
+        # Adam normalises near-zero gradients (the conv biases'): rounding noise there becomes steps of up to lr.
+        atol = 2 * lr * steps if name.endswith("conv.bias") else 1e-4
+        torch.testing.assert_close(b[name], value, rtol=1e-3, atol=atol, msg=name)
+
+
+def test_graphed_training_follows_the_eager_run(on_gpu, tmp_path):
+    config = RunConfig(rln=32, nm=16, epochs=8, save_every=100, log_every=4)
+    eager = RunState.fresh(config, CUDA)
+    anml.train(eager, on_gpu, tmp_path / "eager")
+    graphed = RunState.fresh(config, CUDA)  # seeded afresh: the same weights and tasks
+    anml.train(graphed, on_gpu, tmp_path / "graphed", graphed=True)
+    compare(eager.model.state_dict(), graphed.model.state_dict(), config.outer_lr, config.epochs)
+    eager_log, graphed_log = ((tmp_path / d / "training_log.csv").read_text().splitlines() for d in ("eager", "graphed"))
+    assert len(eager_log) == len(graphed_log) == 3
+
+
+def test_resumed_graphed_run_continues_as_the_uninterrupted_one(on_gpu, tmp_path):
+    config = RunConfig(rln=32, nm=16, epochs=10, save_every=5, log_every=5, outer_lr_schedule="cosine")
+    whole = RunState.fresh(config, CUDA)
+    anml.train(whole, on_gpu, tmp_path, graphed=True)
+    saved = torch.load(tmp_path / "32_16_288_ANML-4.state.pth", weights_only=True)
+    assert all(type(g["lr"]) is float and not g["capturable"] for g in saved["optimizer"]["param_groups"])
+    resumed = RunState.resume(tmp_path / "32_16_288_ANML-4.pth", CUDA)
+    anml.train(resumed, on_gpu, tmp_path / "resumed", graphed=True)
+    compare(whole.model.state_dict(), resumed.model.state_dict(), config.outer_lr, 5)
+
+
+def longer(state: RunState, epochs: int) -> RunState:
+    return dataclasses.replace(state, config=dataclasses.replace(state.config, epochs=epochs))
+
+
+def test_checkpoints_cross_between_the_cpu_and_the_graph(on_gpu, background, tmp_path):
+    fixture = REPO / "tests" / "fixtures" / "run_4_4_36"
+    for f in ("4_4_36_ANML-1.pth", "4_4_36_ANML-1.state.pth"):
+        shutil.copy(fixture / f, tmp_path)
+    on_graph = longer(RunState.resume(tmp_path / "4_4_36_ANML-1.pth", CUDA), 7)  # saved by the CPU path
+    anml.train(on_graph, on_gpu, tmp_path, graphed=True)  # iterations 2-4 eager, 5-6 replayed
+    on_cpu = longer(RunState.resume(tmp_path / "4_4_36_ANML-6.pth", torch.device("cpu")), 8)  # saved under the graph
+    anml.train(on_cpu, background, tmp_path)
+    assert (tmp_path / "4_4_36_ANML-7.pth").is_file()
+
+
+def test_a_replayed_iteration_never_waits_for_the_device(on_gpu):
+    state = RunState.fresh(RunConfig(rln=32, nm=16), CUDA)
+    cuda_graph.make_capturable(state.optimizer)
+    step = cuda_graph.CudaGraphed(anml.eager_step(state.model, state.optimizer, 0.1))
+    for _ in range(cuda_graph.WARMUP + 1):
+        anml.meta_iteration(state.model, on_gpu, step)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        anml.set_lr(state.optimizer, 0.001)
+        loss, acc = anml.meta_iteration(state.model, on_gpu, step)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert loss.is_cuda and acc.is_cuda and loss.item() > 0

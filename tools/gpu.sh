@@ -1,0 +1,62 @@
+#!/usr/bin/env bash
+# The procedure on a lent GPU machine (it has PyTorch, but not higher and not Omniglot, and no network).
+#
+#   here:  bash tools/gpu.sh prepare
+#          .carry/ (git-ignored): the higher wheel and Omniglot zipped, 17 MB; name .carry in the run's `carry`
+#   there: bash tools/gpu.sh checks
+#          the CUDA tests, the meta-step benchmark and timings of train_omni.py (100 and 2,000 iterations),
+#          each into $OUT, the card named in card.txt
+#   there: bash tools/gpu.sh train [train_omni.py flags]
+#          starts, or resumes from its newest checkpoint, a run in runs/gpu for at most $SECONDS_LEFT seconds
+#          (default 540), then copies the newest weights, the log and the curve into $OUT. Files stay on the
+#          machine only while it is warm (30 s after a call): call it again at once to go on; a resumable state
+#          (72 MB) is more than a call brings back.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+setup() {
+    python3 -m pip install -q --no-index --no-deps .carry/higher-*.whl
+    [ -d data/omniglot-py ] || python3 -m zipfile -e .carry/omniglot.zip data/
+    export OMNIGLOT_ROOT=$PWD/data
+    nvidia-smi --query-gpu=name --format=csv,noheader | tee "$OUT/card.txt"
+}
+
+timed_run() {  # iterations, out-dir: the wall seconds of a whole train_omni.py run, start-up included
+    local start=$SECONDS
+    python3 train_omni.py --epochs "$1" --out-dir "$2" -d cuda --no-download > /dev/null 2>> "$OUT/train_timing.txt"
+    echo $((SECONDS - start))
+}
+
+case "${1:-}" in
+prepare)
+    mkdir -p .carry
+    grep -qxF ".carry/" .git/info/exclude || echo ".carry/" >> .git/info/exclude
+    python3 -m pip download -q higher==0.2.1 --no-deps -d .carry
+    root=${OMNIGLOT_ROOT:-../shared/omniglot}
+    (cd "$root" && python3 -m zipfile -c "$OLDPWD/.carry/omniglot.zip" omniglot-py)
+    du -sh .carry ;;
+checks)
+    setup
+    python3 -m pytest -q tests/test_cuda_graph.py 2>&1 | tail -30 | tee "$OUT/cuda_tests.txt" || true
+    python3 benchmarks/meta_step.py -d cuda --iterations 20 2>&1 | tail -8 | tee "$OUT/benchmark.txt" || true
+    rm -rf /tmp/t100 /tmp/t2000
+    short=$(timed_run 100 /tmp/t100)
+    long=$(timed_run 2000 /tmp/t2000)
+    echo "$(cat "$OUT/card.txt"): train_omni.py 100 iterations ${short} s, 2000 iterations ${long} s, so" \
+         "$(python3 -c "print(f'{($long - $short) / 1900 * 1000:.1f}')") ms an iteration end to end" | tee "$OUT/train_2000.txt"
+    cp /tmp/t2000/training_log.csv "$OUT/train_2000_log.csv" ;;
+train)
+    shift
+    setup
+    newest=$(ls runs/gpu/*_ANML-*.state.pth 2>/dev/null | sed 's/.*ANML-\([0-9]*\)\.state\.pth/\1 &/' | sort -n | tail -1 | cut -d' ' -f2 || true)
+    if [ -n "$newest" ]; then
+        set -- --resume "${newest%.state.pth}.pth" "$@"
+    else
+        set -- --out-dir runs/gpu "$@"
+    fi
+    timeout -s INT "${SECONDS_LEFT:-540}" python3 train_omni.py -d cuda --no-download "$@" 2>&1 | tail -3 || true
+    weights=$(ls runs/gpu/*_ANML-*.pth | grep -v state | sed 's/.*ANML-\([0-9]*\)\.pth/\1 &/' | sort -n | tail -1 | cut -d' ' -f2)
+    cp "$weights" runs/gpu/training_log.csv runs/gpu/training_curve.png "$OUT/" ;;
+*)
+    sed -n 2,14p "$0"; exit 2 ;;
+esac
