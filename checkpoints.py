@@ -5,6 +5,8 @@ import os
 import random
 import re
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -33,11 +35,18 @@ def state_path(checkpoint: Path) -> Path:
     return checkpoint.with_name(checkpoint.name.removesuffix(".pth") + ".state.pth")
 
 
-def save_atomic(obj: object, path: Path) -> None:
-    """torch.save to a temporary name, then rename: a stop never leaves a half-written file under `path`."""
+@contextmanager
+def atomic_path(path: Path) -> Iterator[Path]:
+    """A hidden temporary name to write `path`'s contents to, renamed to `path` when done: a stop never leaves a
+    half-written file under `path` (remove_temporaries clears what a kill leaves)."""
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    torch.save(obj, tmp)
+    yield tmp
     tmp.replace(path)
+
+
+def save_atomic(obj: object, path: Path) -> None:
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
 
 
 def _read(path: Path, what: str, keys: tuple[str, ...]) -> dict:

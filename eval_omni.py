@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 import meta_test
 import runtime
-from checkpoints import load_anml, parse_checkpoint_name
+from checkpoints import atomic_path, load_anml, parse_checkpoint_name
 from datasets import DataNotFoundError, find_root, load_split
 
 SHIPPED_MODEL = Path(__file__).resolve().parent / "trained_anmls" / "256_112_2304_ANML-29999.pth"
@@ -197,7 +197,8 @@ def save_rates(model: Path, results: dict, command: str) -> Path:
                                         "selection_test": {f"{lr:g}": acc for lr, acc in s["selection"].items()},
                                         "command": command, "date": datetime.date.today().isoformat()}
     saved = dict(sorted(saved.items(), key=lambda item: int(item[0])))
-    path.write_text(json.dumps({"model": model.name, "classes": saved}, indent=1) + "\n")
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps({"model": model.name, "classes": saved}, indent=1) + "\n")
     return path
 
 
@@ -223,12 +224,6 @@ def plot(results: dict, path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
-def write_json(results: dict, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(results, indent=1))
-    tmp.replace(path)
-
-
 def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     args = parse_args(argv)
@@ -239,7 +234,8 @@ def main(argv: list[str] | None = None) -> None:
             for line in class_lines(results, results["summary"][-1]["classes"]):
                 tqdm.write(line)
             if args.out:  # as the results come: a stopped evaluation keeps what it finished
-                write_json(results, args.out)
+                with atomic_path(args.out) as tmp:
+                    tmp.write_text(json.dumps(results, indent=1))
     except DataNotFoundError as err:
         sys.exit(f"error: {err}; point --data-root or OMNIGLOT_ROOT at the folder holding omniglot-py/"
                  + (", or drop --no-download to fetch it" if args.no_download else ""))

@@ -17,27 +17,27 @@ import workers
 from anml import RunConfig, RunState
 from datasets import DataNotFoundError, find_root, load_split
 
-RECIPE = RunConfig()  # the defaults
+DEFAULTS = RunConfig()
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__)
     # Run settings default to None so that --resume can tell a flag given from a flag left out.
-    p.add_argument("--rln", type=int, help=f"RLN channels (default {RECIPE.rln})")
-    p.add_argument("--nm", type=int, help=f"NM channels (default {RECIPE.nm})")
-    p.add_argument("--mask", type=int, help=f"gate size, 9 x RLN channels (default {RECIPE.mask})")
-    p.add_argument("--epochs", type=int, help=f"meta-training iterations (default {RECIPE.epochs})")
-    p.add_argument("--inner-lr", "--inner_lr", type=float, help=f"inner-loop SGD learning rate (default {RECIPE.inner_lr})")
-    p.add_argument("--outer-lr", "--outer_lr", type=float, help=f"outer Adam learning rate (default {RECIPE.outer_lr})")
+    p.add_argument("--rln", type=int, help=f"RLN channels (default {DEFAULTS.rln})")
+    p.add_argument("--nm", type=int, help=f"NM channels (default {DEFAULTS.nm})")
+    p.add_argument("--mask", type=int, help=f"gate size, 9 x RLN channels (default {DEFAULTS.mask})")
+    p.add_argument("--epochs", type=int, help=f"meta-training iterations (default {DEFAULTS.epochs})")
+    p.add_argument("--inner-lr", "--inner_lr", type=float, help=f"inner-loop SGD learning rate (default {DEFAULTS.inner_lr})")
+    p.add_argument("--outer-lr", "--outer_lr", type=float, help=f"outer Adam learning rate (default {DEFAULTS.outer_lr})")
     p.add_argument("--outer-lr-schedule", choices=["constant", "cosine"],
                    help="outer rate constant, or cosine-decayed from --outer-lr to 0 over --epochs (default constant)")
     p.add_argument("--conv-init", choices=["default", "kaiming"],
                    help="conv weights of RLN and NM: PyTorch's default init, or Kaiming-normal (default default)")
-    p.add_argument("--seed", type=int, help=f"seed for torch, numpy and random (default {RECIPE.seed})")
-    p.add_argument("--save-every", type=int, help=f"checkpoint every N iterations (default {RECIPE.save_every})")
-    p.add_argument("--log-every", type=int, help=f"log every N iterations (default {RECIPE.log_every})")
+    p.add_argument("--seed", type=int, help=f"seed for torch, numpy and random (default {DEFAULTS.seed})")
+    p.add_argument("--save-every", type=int, help=f"checkpoint every N iterations (default {DEFAULTS.save_every})")
+    p.add_argument("--log-every", type=int, help=f"log every N iterations (default {DEFAULTS.log_every})")
     p.add_argument("--keep-states", type=int, help="keep the resumable state of the newest N checkpoints only, "
-                   f"the weights of all (default {RECIPE.keep_states})")
+                   f"the weights of all (default {DEFAULTS.keep_states})")
     p.add_argument("-d", "--device", choices=["cpu", "cuda"], help="default: cuda where available, else cpu")
     p.add_argument("--no-cuda-graph", action="store_true",
                    help="on CUDA, run each iteration eagerly instead of replaying it as one CUDA graph")
