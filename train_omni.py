@@ -107,7 +107,7 @@ def plot_training_log(out_dir: Path, config: RunConfig) -> Path | None:
         ax.plot(log[window // 2:window // 2 + len(smooth), 0] + 1, smooth, lw=1.5)
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
-    iterations = np.arange(config.epochs)
+    iterations = np.arange(int(log[-1, 0]) + 1)  # the iterations run so far
     lr_ax.plot(iterations + 1, [anml.get_lr(it, config) for it in iterations], lw=1.5)
     lr_ax.set_ylabel("outer lr")
     lr_ax.set_ylim(bottom=0)
