@@ -1,13 +1,28 @@
 #!/usr/bin/env bash
 # The recipe study (issue 13): start, or resume from its newest checkpoint, each run in the background, one
 # thread each, in ~/anml_runs/NAME (outside the repository; NAME.out beside it holds the progress).
-#   bash tools/study.sh            # start or resume every run below
+#   bash tools/study.sh              # start or resume every run below
+#   bash tools/study.sh eval 9999    # meta-test each run's checkpoint of that iteration: 100 and 600 classes, the
+#                                    # rates below, 1 selection and 3 reported runs each (the reported runs are
+#                                    # the classes and splits of README's milestone table); JSON in trained_anmls/study/
 # Stop a run with Ctrl-C's signal, which saves first: pkill -INT -f 'train_omni.py'
 set -euo pipefail
 cd "$(dirname "$0")/.."
 runs=~/anml_runs
 export OMNIGLOT_ROOT=${OMNIGLOT_ROOT:-$PWD/../shared/omniglot} OMP_NUM_THREADS=1
 python=$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3 )
+
+RUNS=(A_outer_lr_0.001 C_outer_lr_0.001_kaiming)
+RATES=(0.0003 0.0005 0.0008 0.001 0.0012 0.0016 0.002)
+
+if [ "${1:-}" = eval ]; then
+    mkdir -p trained_anmls/study
+    for name in "${RUNS[@]}"; do
+        "$python" eval_omni.py -m "$runs/$name/256_112_2304_ANML-$2.pth" -c 100 600 -l "${RATES[@]}" -r 3 \
+            --select-runs 1 -d cpu --out "trained_anmls/study/${name}_$2.json" | tail -4
+    done
+    exit
+fi
 
 start() {  # NAME, then the recipe's flags
     local name=$1 dir=$runs/$1; shift
@@ -23,5 +38,5 @@ start() {  # NAME, then the recipe's flags
     echo "$name: ${newest:-new run}"
 }
 
-start A_outer_lr_0.001 --outer-lr 0.001 --seed 1
-start C_outer_lr_0.001_kaiming --outer-lr 0.001 --seed 1 --conv-init kaiming
+start "${RUNS[0]}" --outer-lr 0.001 --seed 1
+start "${RUNS[1]}" --outer-lr 0.001 --seed 1 --conv-init kaiming
