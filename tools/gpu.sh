@@ -18,6 +18,7 @@ setup() {
     python3 -m pip install -q --no-index --no-deps .carry/higher-*.whl
     [ -d data/omniglot-py ] || python3 -m zipfile -e .carry/omniglot.zip data/
     export OMNIGLOT_ROOT=$PWD/data
+    python3 -c "import datasets; datasets.load_split(datasets.find_root(), 'images_background')"  # decoded once
     nvidia-smi --query-gpu=name --format=csv,noheader | tee "$OUT/card.txt"
 }
 
