@@ -253,3 +253,9 @@ def test_rates_chosen_for_a_model_are_its_default(checkpoint, omniglot_root, tmp
     runs = json.loads((tmp_path / "r.json").read_text())["runs"]
     assert {r["lr"] for r in runs if r["classes"] == 3} == {chosen["lr"]}
     assert {r["lr"] for r in runs if r["classes"] == 5} == {0.001}  # no rate chosen for 5 classes: the published
+
+
+def test_the_shipped_model_brings_its_chosen_rates():
+    """python eval_omni.py with no flags evaluates at the rates chosen for the shipped model, not the published."""
+    lrs = eval_omni.learning_rates(eval_omni.parse_args([]))
+    assert lrs[10] == [0.004] and lrs[50] == [0.002] and all(lrs[n] == [0.0016] for n in (75, 100, 200, 300, 400, 600))
