@@ -25,10 +25,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     # Run settings default to None so that --resume can tell a flag given from a flag left out.
     p.add_argument("--rln", type=int, help=f"RLN channels (default {DEFAULTS.rln})")
     p.add_argument("--nm", type=int, help=f"NM channels (default {DEFAULTS.nm})")
-    p.add_argument("--mask", type=int, help=f"gate size, 9 x RLN channels (default {DEFAULTS.mask})")
+    p.add_argument("--mask", type=int, help="gate size, 9 x RLN channels (default 9 x --rln)")
     p.add_argument("--epochs", type=int, help=f"meta-training iterations (default {DEFAULTS.epochs})")
-    p.add_argument("--inner-lr", "--inner_lr", type=float, help=f"inner-loop SGD learning rate (default {DEFAULTS.inner_lr})")
-    p.add_argument("--outer-lr", "--outer_lr", type=float, help=f"outer Adam learning rate (default {DEFAULTS.outer_lr})")
+    p.add_argument("--inner-lr", "--inner_lr", type=float,
+                   help=f"inner-loop SGD learning rate (default {DEFAULTS.inner_lr})")
+    p.add_argument("--outer-lr", "--outer_lr", type=float,
+                   help=f"outer Adam learning rate (default {DEFAULTS.outer_lr})")
     p.add_argument("--outer-lr-schedule", choices=["constant", "cosine"],
                    help="outer rate constant, or cosine-decayed from --outer-lr to 0 over --epochs (default constant)")
     p.add_argument("--conv-init", choices=["default", "kaiming"],
