@@ -140,6 +140,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.out_dir is None:
         args.out_dir = args.resume.parent if args.resume else Path("runs")
     state = start = None
+    finished = False
     try:
         check_args(args)  # before torchrun's rendezvous, so that no worker can have begun a log yet
         device = runtime.resolve_device(args.device)
@@ -161,6 +162,7 @@ def main(argv: list[str] | None = None) -> None:
         # Under torchrun each iteration also exchanges fc rows and gradients between workers: eager (not captured).
         graphed = device.type == "cuda" and not args.no_cuda_graph and workers.world_size() == 1
         last = anml.train(state, data, args.out_dir, graphed)
+        finished = True
     except DataNotFoundError as err:
         sys.exit(f"error: {err}; point --data-root or OMNIGLOT_ROOT at the folder holding omniglot-py/"
                  + (", or drop --no-download to fetch it" if args.no_download else ""))
@@ -175,8 +177,7 @@ def main(argv: list[str] | None = None) -> None:
         curve = None
         if state is not None and workers.rank() == 0 and (args.out_dir / "training_log.csv").is_file():
             curve = plot_training_log(args.out_dir, state.config)
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        workers.leave(together=finished)
     logging.info("done: %s, log %s, curve %s", last, args.out_dir / "training_log.csv", curve)
 
 

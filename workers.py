@@ -24,6 +24,17 @@ def join(device: torch.device) -> torch.device:
     return device
 
 
+def leave(together: bool) -> None:
+    """Leave the process group, if joined. `together`: wait for every worker first, as a worker that tears
+    its group down while another still finishes its last save can abort (seen once under CI: SIGABRT, "terminate
+    called without an active exception"); after an error the others may never arrive, so do not wait then."""
+    if not dist.is_initialized():
+        return
+    if together:
+        dist.barrier()
+    dist.destroy_process_group()
+
+
 def world_size() -> int:
     return dist.get_world_size() if dist.is_initialized() else 1
 
