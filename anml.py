@@ -195,6 +195,10 @@ class RunState:
         if len(saved["rng"]) != workers.world_size():
             raise ValueError(f"{checkpoint} was saved by {len(saved['rng'])} worker(s); resume it with as many "
                              f"(torchrun --nproc_per_node), not {workers.world_size()}")
+        unknown = set(saved["settings"]) - {f.name for f in dataclasses.fields(RunConfig)}
+        if unknown:
+            raise ValueError(f"{checkpoint}'s run has settings this code does not know ({', '.join(sorted(unknown))}): "
+                             "it was saved by a newer version of this code; resume it with that version")
         config = RunConfig(**saved["settings"])
         optimizer = outer_optimizer(model, config.outer_lr)
         optimizer.load_state_dict(saved["optimizer"])

@@ -25,7 +25,8 @@ def parse_checkpoint_name(path: Path) -> tuple[int, int, int, int]:
     """(rln_chs, nm_chs, mask_size, iteration) from a name such as 256_112_2304_ANML-29999.pth."""
     match = CHECKPOINT_NAME.match(Path(path).name)
     if match is None:
-        raise ValueError(f"{path}: checkpoint name must look like 256_112_2304_ANML-29999.pth (RLN_NM_MASK_ANML-ITER.pth); rename it")
+        raise ValueError(f"{path}: checkpoint name must look like 256_112_2304_ANML-29999.pth "
+                         "(RLN_NM_MASK_ANML-ITER.pth); rename it")
     rln, nm, mask, iteration = map(int, match.groups())
     return rln, nm, mask, iteration
 
@@ -103,7 +104,8 @@ def load_run(checkpoint: Path, device: torch.device) -> tuple[ANML, dict]:
                                 "the checkpoint; start a fresh run instead")
     state = _read(state_path(checkpoint), "a run's state file", ("iteration", "optimizer", "rng", "settings"))
     if state["iteration"] != parse_checkpoint_name(checkpoint)[3]:
-        raise ValueError(f"{state_path(checkpoint)} belongs to iteration {state['iteration']}, not to {checkpoint.name}")
+        raise ValueError(f"{state_path(checkpoint)} belongs to iteration {state['iteration']}, "
+                         f"not to {checkpoint.name}")
     return model, state
 
 
@@ -113,11 +115,25 @@ def remove_temporaries(folder: Path) -> None:
         tmp.unlink(missing_ok=True)
 
 
+def _state_files(folder: Path) -> list[Path]:
+    """The state files of the checkpoints in `folder`, oldest iteration first."""
+    matches = [(CHECKPOINT_NAME.match(p.name.removesuffix(".state.pth") + ".pth"), p)
+               for p in Path(folder).glob("*.state.pth")]
+    return [p for _, p in sorted((int(match[4]), p) for match, p in matches if match)]
+
+
+def newest_resumable(folder: Path) -> Path:
+    """The checkpoint of the newest iteration in `folder` that has its state file beside it."""
+    states = _state_files(folder)
+    if not states:
+        raise FileNotFoundError(f"{folder} holds no resumable checkpoint (a NAME.pth with its NAME.state.pth); "
+                                "name a checkpoint, or start a new run")
+    return states[-1].with_name(states[-1].name.removesuffix(".state.pth") + ".pth")
+
+
 def prune_states(folder: Path, keep: int) -> None:
     """Delete the state files of all but the newest `keep` checkpoints in `folder`; every checkpoint's weights stay."""
-    states = [p for p in Path(folder).glob("*.state.pth") if CHECKPOINT_NAME.match(p.name.replace(".state.pth", ".pth"))]
-    states.sort(key=lambda p: parse_checkpoint_name(p.name.replace(".state.pth", ".pth"))[3])
-    for old in states[:-keep]:
+    for old in _state_files(folder)[:-keep]:
         old.unlink()
 
 

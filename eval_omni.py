@@ -49,7 +49,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--data-root", type=Path, help="folder holding omniglot-py/ (default $OMNIGLOT_ROOT, else ./data)")
     p.add_argument("--no-download", action="store_true", help="never download Omniglot; fail if it is absent")
     p.add_argument("--seed", type=int, default=0, help="seed of every run's classes, splits and fc init (default 0)")
-    p.add_argument("--out", type=Path, metavar="FILE.json", help="write every run and the summary as JSON, as they come")
+    p.add_argument("--out", type=Path, metavar="FILE.json",
+                   help="write every run and the summary as JSON, as they come")
     p.add_argument("--plot", type=Path, metavar="FILE.png", help="plot test accuracy against classes")
     p.add_argument("--save-rates", action="store_true",
                    help="write the rates chosen on the selection runs beside the model (MODEL.json), for later "

@@ -64,7 +64,8 @@ class ANML(nn.Module):
     def __init__(self, rln_chs: int = 256, nm_chs: int = 112, mask_size: int = 2304):
         super().__init__()
         if mask_size != rln_chs * 9:
-            raise ValueError(f"mask size {mask_size} must equal 9 x RLN channels ({rln_chs * 9}) to gate the RLN's features")
+            raise ValueError(f"mask size {mask_size} must equal 9 x RLN channels ({rln_chs * 9}) "
+                             "to gate the RLN's features")
         self.rln = ConvStack(rln_chs)
         self.nm = NM(nm_chs, mask_size)
         self.fc = nn.Linear(mask_size, N_OUTPUTS)

@@ -12,6 +12,7 @@ import numpy as np
 import torch.distributed as dist
 
 import anml
+import checkpoints
 import runtime
 import workers
 from anml import RunConfig, RunState
@@ -48,7 +49,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out-dir", type=Path, help="where checkpoints and the log go (default runs/, or the resumed "
                    "checkpoint's folder)")
     p.add_argument("--resume", type=Path, metavar="CHECKPOINT",
-                   help="continue the run saved as CHECKPOINT (its .state.pth must sit beside it)")
+                   help="continue the run saved as CHECKPOINT (its .state.pth must sit beside it), or a run's folder: "
+                   "from its newest checkpoint that has one")
     return p.parse_args(argv)
 
 
@@ -137,11 +139,13 @@ def resume_command(args: argparse.Namespace, checkpoint: Path) -> str:
 def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     args = parse_args(argv)
-    if args.out_dir is None:
-        args.out_dir = args.resume.parent if args.resume else Path("runs")
     state = start = None
     finished = False
     try:
+        if args.resume is not None and args.resume.is_dir():
+            args.resume = checkpoints.newest_resumable(args.resume)
+        if args.out_dir is None:
+            args.out_dir = args.resume.parent if args.resume else Path("runs")
         check_args(args)  # before torchrun's rendezvous, so that no worker can have begun a log yet
         device = runtime.resolve_device(args.device)
         if device.type == "cuda":

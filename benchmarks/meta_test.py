@@ -48,8 +48,9 @@ def main() -> None:
     t_features = timed(lambda: features.append(meta_test.gated_features(model, data)))
     seeds = list(range(args.runs))
     t_fast = timed(lambda: meta_test.meta_test_runs(model, features[0], data, args.classes, 0.001, seeds))
-    t_plain = timed(lambda: [meta_test.plain_meta_test_run(copy.deepcopy(model), data, args.classes, 0.001,
-                                                           seed=run) for run in range(args.plain_runs)]) / args.plain_runs
+    plain_runs = lambda: [meta_test.plain_meta_test_run(copy.deepcopy(model), data, args.classes, 0.001, seed=run)
+                          for run in range(args.plain_runs)]
+    t_plain = timed(plain_runs) / args.plain_runs
     fast_total, plain_total = t_features + t_fast, t_plain * args.runs
     print(f"device {device}, {torch.get_num_threads()} threads, {args.classes} classes")
     print(f"plain protocol   {t_plain:.1f} s/run (timed over {args.plain_runs} run(s)); "

@@ -134,7 +134,7 @@ def sample_meta_train(data: Omniglot, n_remember: int = 64) -> tuple[torch.Tenso
     """Indices of one meta-training task: a random class's drawings in stored order, and a remember set
     drawn uniformly without replacement from the whole split. Uses torch's global generator."""
     cls = int(torch.randint(data.n_classes, ()))
-    trajectory = data.class_indices(cls).cpu()
+    trajectory = data.class_indices(cls)
     remember = torch.randperm(len(data.labels))[:n_remember]
     return trajectory, remember
 
@@ -152,7 +152,7 @@ def sample_meta_test(data: Omniglot, n_classes: int, n_train: int = 15,
     classes = torch.randperm(data.n_classes, generator=generator)[:n_classes]
     train, test = [], []
     for cls in classes.tolist():
-        drawings = data.class_indices(cls).cpu()[torch.randperm(per_class, generator=generator)]
+        drawings = data.class_indices(cls)[torch.randperm(per_class, generator=generator)]
         train.append(drawings[:n_train])
         test.append(drawings[n_train:])
     return torch.stack(train), torch.stack(test)

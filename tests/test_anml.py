@@ -142,5 +142,6 @@ def test_resumes_a_run_saved_before_the_run_config(background, tmp_path):
         # A conv bias feeds an instance norm: its gradient is rounding noise, which Adam turns into steps of lr.
         atol = 4 * state.config.outer_lr if name.endswith("conv.bias") else 1e-5
         torch.testing.assert_close(value, expected[name], rtol=1e-4, atol=atol, msg=name)
-    logs = [np.loadtxt(f, delimiter=",", skiprows=1) for f in (FIXTURE / "training_log.csv", tmp_path / "training_log.csv")]
+    logs = [np.loadtxt(f, delimiter=",", skiprows=1)
+            for f in (FIXTURE / "training_log.csv", tmp_path / "training_log.csv")]
     np.testing.assert_allclose(*logs, atol=2e-5)

@@ -75,7 +75,8 @@ def test_graphed_training_follows_the_eager_run(on_gpu, tmp_path):
     graphed = RunState.fresh(config, CUDA)  # seeded afresh: the same weights and tasks
     anml.train(graphed, on_gpu, tmp_path / "graphed", graphed=True)
     compare(eager.model.state_dict(), graphed.model.state_dict(), config.outer_lr, config.epochs)
-    eager_log, graphed_log = ((tmp_path / d / "training_log.csv").read_text().splitlines() for d in ("eager", "graphed"))
+    eager_log, graphed_log = ((tmp_path / d / "training_log.csv").read_text().splitlines()
+                              for d in ("eager", "graphed"))
     assert len(eager_log) == len(graphed_log) == 3
 
 

@@ -34,7 +34,8 @@ def test_preprocessing(background, omniglot_root):
     assert x.dtype == torch.float32 and x.shape == (40, 1, 28, 28)
     assert x.min() >= 0 and x.max() <= 1
     assert x.mean() > 0.8  # white background, dark strokes
-    path = sorted((omniglot_root / "omniglot-py" / "images_background" / "Alphabet_of_the_Magi" / "character01").glob("*.png"))[0]
+    character = omniglot_root / "omniglot-py" / "images_background" / "Alphabet_of_the_Magi" / "character01"
+    path = sorted(character.glob("*.png"))[0]
     with Image.open(path) as im:
         grey = im.convert("L")
         lanczos = np.asarray(grey.resize((28, 28), Image.LANCZOS))

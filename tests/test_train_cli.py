@@ -127,6 +127,20 @@ def junk_state(tmp_path, _):
     return ["--resume", path], ["4_4_36_ANML-1.state.pth", "is not a run's state file"]
 
 
+def state_from_a_newer_version(tmp_path, _):
+    path = saved_run(tmp_path / "run")
+    state = torch.load(path.with_name("4_4_36_ANML-1.state.pth"), weights_only=True)
+    state["settings"]["warmup"] = 100
+    torch.save(state, path.with_name("4_4_36_ANML-1.state.pth"))
+    return ["--resume", path], ["settings this code does not know (warmup)", "newer version"]
+
+
+def folder_without_states(tmp_path, _):
+    (tmp_path / "run").mkdir()
+    torch.save(ANML(4, 4, 36).state_dict(), tmp_path / "run" / "4_4_36_ANML-1.pth")
+    return ["--resume", tmp_path / "run"], ["holds no resumable checkpoint", "start a new run"]
+
+
 def other_sizes(tmp_path, _):
     path = tmp_path / "32_8_288_ANML-1.pth"
     torch.save(ANML(16, 8, 144).state_dict(), path)
@@ -155,7 +169,8 @@ def interval(name, value):
     return case
 
 
-@pytest.mark.parametrize("case", [not_a_checkpoint, truncated_checkpoint, junk_state, other_sizes,
+@pytest.mark.parametrize("case", [not_a_checkpoint, truncated_checkpoint, junk_state, state_from_a_newer_version,
+                                  folder_without_states, other_sizes,
                                   resume_past_its_end, out_dir_is_a_file, drawing_missing,
                                   interval("--save-every", 0), interval("--log-every", 0),
                                   interval("--epochs", 0), interval("--epochs", -3)], ids=lambda c: c.__name__)
@@ -184,6 +199,15 @@ def test_resume_goes_on_in_the_checkpoints_folder(tmp_path, omniglot_root):
     assert "4_4_36_ANML-3.pth" in last and "training_log.csv" in last and "training_curve.png" in last
 
 
+def test_resume_a_folder_takes_its_newest_resumable_checkpoint(tmp_path, omniglot_root):
+    checkpoint = saved_run(tmp_path / "run")
+    shutil.copy(checkpoint, tmp_path / "run" / "4_4_36_ANML-7.pth")  # weights whose state was pruned
+    shutil.copy(checkpoint, tmp_path / "run" / "4_4_36_ANML-10.pth")
+    result = train_omni("--resume", tmp_path / "run", "--epochs", 3, "--data-root", omniglot_root)
+    assert "4_4_36_ANML-1.pth at iteration 2" in result.stderr
+    assert (tmp_path / "run" / "4_4_36_ANML-2.state.pth").is_file()
+
+
 def test_short_run_logs_its_last_iterations_aligned_across_a_resume(tmp_path, omniglot_root):
     flags = ["--rln", 4, "--nm", 4, "--log-every", 4, "-d", "cpu", "--data-root", omniglot_root]
     train_omni(*flags, "--epochs", 2, "--out-dir", tmp_path)
@@ -195,9 +219,9 @@ def test_short_run_logs_its_last_iterations_aligned_across_a_resume(tmp_path, om
 
 def test_ctrl_c_prints_a_resume_command_that_works(tmp_path, omniglot_root):
     out = tmp_path / "run"
-    proc = subprocess.Popen([sys.executable, "train_omni.py", "--rln", "4", "--nm", "4", "--epochs", "100000",
-                             "--save-every", "1", "-d", "cpu", "--data-root", str(omniglot_root), "--out-dir", str(out)],
-                            cwd=REPO, stderr=subprocess.PIPE, text=True)
+    flags = ["--rln", "4", "--nm", "4", "--epochs", "100000", "--save-every", "1", "-d", "cpu",
+             "--data-root", str(omniglot_root), "--out-dir", str(out)]
+    proc = subprocess.Popen([sys.executable, "train_omni.py", *flags], cwd=REPO, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 300
     while not list(out.glob("*.state.pth")) and time.monotonic() < deadline:
         time.sleep(0.2)

@@ -49,14 +49,13 @@ checks)
 train)
     shift
     setup
-    newest=$(ls runs/gpu/*_ANML-*.state.pth 2>/dev/null | sed 's/.*ANML-\([0-9]*\)\.state\.pth/\1 &/' | sort -n | tail -1 | cut -d' ' -f2 || true)
-    if [ -n "$newest" ]; then
-        set -- --resume "${newest%.state.pth}.pth" "$@"
+    if [ -d runs/gpu ]; then
+        set -- --resume runs/gpu "$@"
     else
         set -- --out-dir runs/gpu "$@"
     fi
     timeout -s INT "${SECONDS_LEFT:-540}" python3 train_omni.py -d cuda --no-download "$@" 2>&1 | tail -3 || true
-    weights=$(ls runs/gpu/*_ANML-*.pth | grep -v state | sed 's/.*ANML-\([0-9]*\)\.pth/\1 &/' | sort -n | tail -1 | cut -d' ' -f2)
+    weights=$(python3 -c "import checkpoints; print(checkpoints.newest_resumable('runs/gpu'))")
     cp "$weights" runs/gpu/training_log.csv runs/gpu/training_curve.png "$OUT/" ;;
 *)
     sed -n 2,14p "$0"; exit 2 ;;

@@ -26,16 +26,14 @@ fi
 
 start() {  # NAME, then the recipe's flags
     local name=$1 dir=$runs/$1; shift
-    local newest
-    newest=$(ls "$dir"/*_ANML-*.state.pth 2>/dev/null | sed 's/.*ANML-\([0-9]*\)\.state\.pth/\1 &/' | sort -n | tail -1 |
-             cut -d' ' -f2 || true)
-    if [ -n "$newest" ]; then
-        nohup "$python" train_omni.py --resume "${newest%.state.pth}.pth" -d cpu >> "$dir.out" 2>&1 &
+    if [ -d "$dir" ]; then
+        nohup "$python" train_omni.py --resume "$dir" -d cpu >> "$dir.out" 2>&1 &
+        echo "$name: resumed"
     else
         mkdir -p "$runs"
         nohup "$python" train_omni.py "$@" --out-dir "$dir" -d cpu > "$dir.out" 2>&1 &
+        echo "$name: new run"
     fi
-    echo "$name: ${newest:-new run}"
 }
 
 start "${RUNS[0]}" --outer-lr 0.001 --seed 1
