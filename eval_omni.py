@@ -115,6 +115,8 @@ def evaluate(args: argparse.Namespace) -> Iterator[dict]:
     """Every run of the sweep, class count after class count; after each, yields the results so far: the runs and,
     per class count finished, the chosen rate and its figures."""
     device = runtime.resolve_device(args.device)
+    if device.type == "cuda":
+        runtime.float32_only()  # features as the CPU computes them, not through TF32 convolutions
     runtime.keep_freed_memory()
     model = load_anml(args.model, device).eval()
     data = load_split(find_root(args.data_root, download=not args.no_download), "images_evaluation")
