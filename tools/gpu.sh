@@ -8,7 +8,8 @@
 #          each into $OUT, the card named in card.txt
 #   there: bash tools/gpu.sh train [train_omni.py flags]
 #          starts, or resumes from its newest checkpoint, a run in runs/gpu for at most $SECONDS_LEFT seconds
-#          (default 540), then copies the newest weights, the log and the curve into $OUT. Files stay on the
+#          (default 540), then copies the newest weights (24 MB, in 15 MB parts: a call brings back 16 MiB a
+#          file; here, join them with `cat NAME.part* > NAME`), the log and the curve into $OUT. Files stay on the
 #          machine only while it is warm (30 s after a call): call it again at once to go on; a resumable state
 #          (72 MB) is more than a call brings back.
 set -euo pipefail
@@ -56,7 +57,8 @@ train)
     fi
     timeout -s INT "${SECONDS_LEFT:-540}" python3 train_omni.py -d cuda --no-download "$@" 2>&1 | tail -3 || true
     weights=$(python3 -c "import checkpoints; print(checkpoints.newest_resumable('runs/gpu'))")
-    cp "$weights" runs/gpu/training_log.csv runs/gpu/training_curve.png "$OUT/" ;;
+    split -b 15M -d "$weights" "$OUT/$(basename "$weights").part"
+    cp runs/gpu/training_log.csv runs/gpu/training_curve.png "$OUT/" ;;
 *)
     sed -n 2,14p "$0"; exit 2 ;;
 esac
