@@ -10,8 +10,12 @@
 #          starts, or resumes from its newest checkpoint, a run in runs/gpu for at most $SECONDS_LEFT seconds
 #          (default 540), then copies the newest weights (24 MB, in 15 MB parts: a call brings back 16 MiB a
 #          file; here, join them with `cat NAME.part* > NAME`), the log and the curve into $OUT. Files stay on the
-#          machine only while it is warm (30 s after a call): call it again at once to go on; a resumable state
-#          (72 MB) is more than a call brings back.
+#          machine only while it is warm (30 s after a call): call it again at once to go on.
+#   there: bash tools/gpu.sh state
+#          right after `train`: the newest checkpoint's state file (48 MB, more than a call brings back beside the
+#          weights) into $OUT in 15 MB parts, so that the run can go on here:
+#          cat NAME.pth.part* > DIR/NAME.pth; cat NAME.state.pth.part* > DIR/NAME.state.pth; copy the log into DIR;
+#          python train_omni.py --resume DIR
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -59,6 +63,9 @@ train)
     weights=$(python3 -c "import checkpoints; print(checkpoints.newest_resumable('runs/gpu'))")
     split -b 15M -d "$weights" "$OUT/$(basename "$weights").part"
     cp runs/gpu/training_log.csv runs/gpu/training_curve.png "$OUT/" ;;
+state)
+    checkpoint=$(python3 -c "import checkpoints; print(checkpoints.newest_resumable('runs/gpu'))")
+    split -b 15M -d "${checkpoint%.pth}.state.pth" "$OUT/$(basename "${checkpoint%.pth}").state.pth.part" ;;
 *)
-    sed -n 2,14p "$0"; exit 2 ;;
+    sed -n 2,19p "$0"; exit 2 ;;
 esac
