@@ -8,6 +8,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import functools
+import json
 import logging
 import math
 import random
@@ -239,6 +240,7 @@ def train(state: RunState, data: Omniglot, out_dir: Path, graphed: bool = False)
     graphed (CUDA only): each iteration's meta_step, after the lobotomy, is a replay of one CUDA graph (the first
     few run eagerly, then it is captured); the same computation, without the launch of each of its kernels.
 
+    The config goes to out_dir/config.json at the start (a resume rewrites it, as it may change the bookkeeping).
     Every log_every iterations, and at the end, the mean outer loss and accuracy since the last row go to the log.
     Ctrl-C finishes the current iteration, saves, then raises KeyboardInterrupt. Under torchrun each worker runs
     one task of the meta-batch; rank 0 logs and writes.
@@ -248,6 +250,8 @@ def train(state: RunState, data: Omniglot, out_dir: Path, graphed: bool = False)
     if workers.rank() == 0:
         log_file = _open_log(out_dir / "training_log.csv", state.iteration)
         checkpoints.remove_temporaries(out_dir)
+        with checkpoints.atomic_path(out_dir / "config.json") as tmp:  # the recipe, readable beside the run
+            tmp.write_text(json.dumps(dataclasses.asdict(config), indent=1) + "\n")
     step = eager_step(state.model, state.optimizer, config.inner_lr)
     if graphed:
         cuda_graph.make_capturable(state.optimizer)

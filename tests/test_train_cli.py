@@ -1,3 +1,4 @@
+import json
 import shlex
 import shutil
 import signal
@@ -191,6 +192,8 @@ def test_resume_goes_on_in_the_checkpoints_folder(tmp_path, omniglot_root):
     stale.write_bytes(b"half")
     result = train_omni("--resume", checkpoint, "--keep-states", 1, "--data-root", omniglot_root)
     assert not stale.exists()
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert config["keep_states"] == 1 and config["rln"] == 4 and config["epochs"] == 4
     assert sorted(p.name for p in (tmp_path / "run").glob("*.pth")) == [
         "4_4_36_ANML-1.pth", "4_4_36_ANML-3.pth", "4_4_36_ANML-3.state.pth"]
     assert [r.split(",")[0] for r in (tmp_path / "run" / "training_log.csv").read_text().splitlines()[1:]] == [
