@@ -62,7 +62,7 @@ train)
     timeout -s INT "${SECONDS_LEFT:-540}" python3 train_omni.py -d cuda --no-download "$@" 2>&1 | tail -3 || true
     weights=$(python3 -c "import checkpoints; print(checkpoints.newest_resumable('runs/gpu'))")
     split -b 15M -d "$weights" "$OUT/$(basename "$weights").part"
-    cp runs/gpu/training_log.csv runs/gpu/training_curve.png "$OUT/" ;;
+    cp runs/gpu/training_log.csv runs/gpu/training_curve.png runs/gpu/config.json "$OUT/" ;;
 state)
     checkpoint=$(python3 -c "import checkpoints; print(checkpoints.newest_resumable('runs/gpu'))")
     split -b 15M -d "${checkpoint%.pth}.state.pth" "$OUT/$(basename "${checkpoint%.pth}").state.pth.part" ;;
