@@ -27,6 +27,10 @@ setup() {
     nvidia-smi --query-gpu=name --format=csv,noheader | tee "$OUT/card.txt"
 }
 
+newest() {  # the checkpoint of runs/gpu's newest resumable save
+    python3 -c "import checkpoints; print(checkpoints.newest_resumable('runs/gpu'))"
+}
+
 timed_run() {  # iterations, out-dir: the wall seconds of a whole train_omni.py run, start-up included
     local start=$SECONDS
     python3 train_omni.py --epochs "$1" --out-dir "$2" -d cuda --no-download > /dev/null 2>> "$OUT/train_timing.txt"
@@ -60,11 +64,11 @@ train)
         set -- --out-dir runs/gpu "$@"
     fi
     timeout -s INT "${SECONDS_LEFT:-540}" python3 train_omni.py -d cuda --no-download "$@" 2>&1 | tail -3 || true
-    weights=$(python3 -c "import checkpoints; print(checkpoints.newest_resumable('runs/gpu'))")
+    weights=$(newest)
     split -b 15M -d "$weights" "$OUT/$(basename "$weights").part"
     cp runs/gpu/training_log.csv runs/gpu/training_curve.png runs/gpu/config.json "$OUT/" ;;
 state)
-    checkpoint=$(python3 -c "import checkpoints; print(checkpoints.newest_resumable('runs/gpu'))")
+    checkpoint=$(newest)
     split -b 15M -d "${checkpoint%.pth}.state.pth" "$OUT/$(basename "${checkpoint%.pth}").state.pth.part" ;;
 *)
     sed -n 2,19p "$0"; exit 2 ;;
