@@ -36,6 +36,11 @@ def state_path(checkpoint: Path) -> Path:
     return checkpoint.with_name(checkpoint.name.removesuffix(".pth") + ".state.pth")
 
 
+def checkpoint_of(state: Path) -> Path:
+    """The checkpoint that a state file sits beside: state_path's inverse."""
+    return state.with_name(state.name.removesuffix(".state.pth") + ".pth")
+
+
 @contextmanager
 def atomic_path(path: Path) -> Iterator[Path]:
     """A hidden temporary name to write `path`'s contents to, renamed to `path` when done: a stop never leaves a
@@ -117,8 +122,7 @@ def remove_temporaries(folder: Path) -> None:
 
 def _state_files(folder: Path) -> list[Path]:
     """The state files of the checkpoints in `folder`, oldest iteration first."""
-    matches = [(CHECKPOINT_NAME.match(p.name.removesuffix(".state.pth") + ".pth"), p)
-               for p in Path(folder).glob("*.state.pth")]
+    matches = [(CHECKPOINT_NAME.match(checkpoint_of(p).name), p) for p in Path(folder).glob("*.state.pth")]
     return [p for _, p in sorted((int(match[4]), p) for match, p in matches if match)]
 
 
@@ -128,7 +132,7 @@ def newest_resumable(folder: Path) -> Path:
     if not states:
         raise FileNotFoundError(f"{folder} holds no resumable checkpoint (a NAME.pth with its NAME.state.pth); "
                                 "name a checkpoint, or start a new run")
-    return states[-1].with_name(states[-1].name.removesuffix(".state.pth") + ".pth")
+    return checkpoint_of(states[-1])
 
 
 def prune_states(folder: Path, keep: int) -> None:
