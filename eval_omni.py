@@ -20,7 +20,7 @@ from tqdm import tqdm
 import meta_test
 import runtime
 from checkpoints import atomic_path, load_anml, parse_checkpoint_name
-from datasets import DataNotFoundError, find_root, load_split
+from datasets import find_root, load_split
 
 SHIPPED_MODEL = Path(__file__).resolve().parent / "trained_anmls" / "256_112_2304_ANML-29999.pth"
 # The published table (test accuracy, 10 runs, the 30,000-iteration model) and its learning rates.
@@ -239,9 +239,6 @@ def main(argv: list[str] | None = None) -> None:
             if args.out:  # as the results come: a stopped evaluation keeps what it finished
                 with atomic_path(args.out) as tmp:
                     tmp.write_text(json.dumps(results, indent=1))
-    except DataNotFoundError as err:
-        sys.exit(f"error: {err}; point --data-root or OMNIGLOT_ROOT at the folder holding omniglot-py/"
-                 + (", or drop --no-download to fetch it" if args.no_download else ""))
     except (OSError, ValueError) as err:
         sys.exit(f"error: {err}")
     except KeyboardInterrupt:

@@ -16,7 +16,7 @@ import checkpoints
 import runtime
 import workers
 from anml import RunConfig, RunState
-from datasets import DataNotFoundError, find_root, load_split
+from datasets import find_root, load_split
 
 DEFAULTS = RunConfig()
 
@@ -167,9 +167,6 @@ def main(argv: list[str] | None = None) -> None:
         graphed = device.type == "cuda" and not args.no_cuda_graph and workers.world_size() == 1
         last = anml.train(state, data, args.out_dir, graphed)
         finished = True
-    except DataNotFoundError as err:
-        sys.exit(f"error: {err}; point --data-root or OMNIGLOT_ROOT at the folder holding omniglot-py/"
-                 + (", or drop --no-download to fetch it" if args.no_download else ""))
     except (OSError, ValueError) as err:
         sys.exit(f"error: {err}")
     except KeyboardInterrupt:

@@ -69,8 +69,9 @@ def find_root(data_root: str | Path | None = None, download: bool = True) -> Pat
     if not missing:
         return root
     hint = f"Omniglot not found under {root}/omniglot-py ({', '.join(missing)} missing)"
+    fix = "set OMNIGLOT_ROOT or --data-root to the folder holding omniglot-py/"
     if not download:
-        raise DataNotFoundError(f"{hint}, and downloading was not allowed")
+        raise DataNotFoundError(f"{hint}, and downloading was not allowed; {fix}, or drop --no-download to fetch it")
     from torchvision.datasets.utils import download_and_extract_archive
 
     for split in missing:
@@ -78,7 +79,7 @@ def find_root(data_root: str | Path | None = None, download: bool = True) -> Pat
         try:
             download_and_extract_archive(ARCHIVE_URL.format(split), root / "omniglot-py", md5=ARCHIVE_MD5[split])
         except Exception as err:  # urllib, ssl, zip and md5 failures alike mean: no data here
-            raise DataNotFoundError(f"{hint}; downloading it failed ({type(err).__name__}: {err})") from None
+            raise DataNotFoundError(f"{hint}; downloading it failed ({type(err).__name__}: {err}); {fix}") from None
     return root
 
 

@@ -16,7 +16,7 @@ def omniglot_root() -> Path:
     try:
         return find_root()
     except DataNotFoundError as err:
-        pytest.exit(f"error: {err}; set OMNIGLOT_ROOT to the folder holding omniglot-py/", returncode=1)
+        pytest.exit(f"error: {err}", returncode=1)
 
 
 @pytest.fixture(scope="session")
