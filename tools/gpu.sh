@@ -68,8 +68,8 @@ train)
     split -b 15M -d "$weights" "$OUT/$(basename "$weights").part"
     cp runs/gpu/training_log.csv runs/gpu/training_curve.png runs/gpu/config.json "$OUT/" ;;
 state)
-    checkpoint=$(newest)
-    split -b 15M -d "${checkpoint%.pth}.state.pth" "$OUT/$(basename "${checkpoint%.pth}").state.pth.part" ;;
+    state=$(python3 -c "import checkpoints as c; print(c.state_path(c.newest_resumable('runs/gpu')))")
+    split -b 15M -d "$state" "$OUT/$(basename "$state").part" ;;
 *)
     sed -n 2,19p "$0"; exit 2 ;;
 esac
