@@ -68,13 +68,30 @@ def compare(a: dict, b: dict, lr: float, steps: int) -> None:
         torch.testing.assert_close(b[name], value, rtol=1e-3, atol=atol, msg=name)
 
 
+def linear_adam(state: RunState) -> RunState:
+    """The run with an Adam whose eps dwarfs every gradient, so that its step is proportional to the gradient.
+
+    Plain Adam turns each near-zero gradient into a step of about lr whose sign is rounding noise, so that two
+    exact paths, eager and graphed, part by O(lr) within a few steps: as far as a wrong task or rate would take them.
+    """
+    for group in state.optimizer.param_groups:
+        group["eps"] = 1.0
+    return state
+
+
 def test_graphed_training_follows_the_eager_run(on_gpu, tmp_path):
-    config = RunConfig(rln=32, nm=16, epochs=8, save_every=100, log_every=4)
-    eager = RunState.fresh(config, CUDA)
+    config = RunConfig(rln=32, nm=16, epochs=8, outer_lr=0.03, save_every=100, log_every=4)
+    start = RunState.fresh(config, CUDA).model.state_dict()
+    eager = linear_adam(RunState.fresh(config, CUDA))
     anml.train(eager, on_gpu, tmp_path / "eager")
-    graphed = RunState.fresh(config, CUDA)  # seeded afresh: the same weights and tasks
-    anml.train(graphed, on_gpu, tmp_path / "graphed", graphed=True)
-    compare(eager.model.state_dict(), graphed.model.state_dict(), config.outer_lr, config.epochs)
+    graphed = linear_adam(RunState.fresh(config, CUDA))  # seeded afresh: the same weights and tasks
+    anml.train(graphed, on_gpu, tmp_path / "graphed", graphed=True)  # 3 iterations eager, then 5 replays
+    graphed_weights = graphed.model.state_dict()
+    for name, weight in eager.model.state_dict().items():
+        if name.endswith("conv.bias"):  # its true gradient is zero: what moves it is rounding noise
+            continue
+        moved = weight - start[name]
+        assert ((graphed_weights[name] - start[name] - moved).norm() / moved.norm()).item() < 1e-2, name
     eager_log, graphed_log = ((tmp_path / d / "training_log.csv").read_text().splitlines()
                               for d in ("eager", "graphed"))
     assert len(eager_log) == len(graphed_log) == 3

@@ -33,7 +33,8 @@ newest() {  # the checkpoint of runs/gpu's newest resumable save
 
 timed_run() {  # iterations, out-dir: the wall seconds of a whole train_omni.py run, start-up included
     local start=$SECONDS
-    python3 train_omni.py --epochs "$1" --out-dir "$2" -d cuda --no-download > /dev/null 2>> "$OUT/train_timing.txt"
+    timeout 200 python3 train_omni.py --epochs "$1" --out-dir "$2" -d cuda --no-download > /dev/null \
+        2>> "$OUT/train_timing.txt" || echo "train_omni.py --epochs $1 failed or ran out of time" >> "$OUT/train_timing.txt"
     echo $((SECONDS - start))
 }
 
@@ -47,8 +48,9 @@ prepare)
     du -sh .carry ;;
 checks)
     setup
-    python3 -m pytest -q tests/test_cuda_graph.py 2>&1 | tail -30 | tee "$OUT/cuda_tests.txt" || true
-    python3 benchmarks/meta_step.py -d cuda --iterations 20 2>&1 | tail -8 | tee "$OUT/benchmark.txt" || true
+    # Each step under its own time limit, so that one that hangs leaves the lease to the others.
+    timeout 180 python3 -m pytest -q tests/test_cuda_graph.py 2>&1 | tail -30 | tee "$OUT/cuda_tests.txt" || true
+    timeout 150 python3 benchmarks/meta_step.py -d cuda --iterations 20 2>&1 | tail -8 | tee "$OUT/benchmark.txt" || true
     rm -rf /tmp/t100 /tmp/t2000
     short=$(timed_run 100 /tmp/t100)
     long=$(timed_run 2000 /tmp/t2000)
