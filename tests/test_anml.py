@@ -73,12 +73,13 @@ def test_ctrl_c_finishes_the_iteration_and_saves(background, tmp_path, monkeypat
 
     monkeypatch.setattr(anml, "meta_step", step_then_interrupt)
     state = RunState.fresh(RunConfig(rln=16, nm=8, epochs=10, save_every=100, log_every=100), torch.device("cpu"))
+    handler = signal.getsignal(signal.SIGINT)  # SIG_IGN, not Python's default, in a background job
     with pytest.raises(KeyboardInterrupt, match="stopped after iteration 1"):
         anml.train(state, background, tmp_path)
     assert len(calls) == 2
     saved = tmp_path / checkpoints.checkpoint_name(16, 8, 144, 1)
     assert saved.is_file() and checkpoints.state_path(saved).is_file()
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert signal.getsignal(signal.SIGINT) is handler  # train's own handler is gone again
 
 
 def test_meta_iteration_draws_a_task_and_lobotomizes_its_class(background):
