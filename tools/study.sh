@@ -13,8 +13,9 @@ export OMNIGLOT_ROOT=${OMNIGLOT_ROOT:-$PWD/../shared/omniglot} OMP_NUM_THREADS=1
 python=$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3 )
 
 # A_outer_lr_0.001 and C_outer_lr_0.001_kaiming (--conv-init kaiming) ran to 29,999 (README, "The recipe study");
-# the run below repeats A with another seed, to show how far two seeds of one recipe differ.
-RUNS=(A_outer_lr_0.001_seed_2)
+# the runs below are A with another seed, to show how far two seeds of one recipe differ, and B, the published rate
+# cosine-decayed to 0.
+RUNS=(A_outer_lr_0.001_seed_2 B_outer_lr_0.003_cosine)
 RATES=(0.0003 0.0005 0.0008 0.001 0.0012 0.0016 0.002)
 
 if [ "${1:-}" = eval ]; then
@@ -28,7 +29,9 @@ fi
 
 start() {  # NAME, then the recipe's flags
     local name=$1 dir=$runs/$1; shift
-    if [ -d "$dir" ]; then
+    if pgrep -f -- "$dir( |\$)" > /dev/null; then
+        echo "$name: already running"
+    elif [ -d "$dir" ]; then
         nohup "$python" train_omni.py --resume "$dir" -d cpu >> "$dir.out" 2>&1 &
         echo "$name: resumed"
     else
@@ -39,3 +42,4 @@ start() {  # NAME, then the recipe's flags
 }
 
 start "${RUNS[0]}" --outer-lr 0.001 --seed 2
+start "${RUNS[1]}" --outer-lr 0.003 --outer-lr-schedule cosine --seed 1
