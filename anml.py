@@ -5,6 +5,7 @@ iteration (sampling included), the outer rate, the run's state (fresh, resumed, 
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import functools
@@ -243,23 +244,25 @@ def train(state: RunState, data: Omniglot, out_dir: Path, graphed: bool = False)
     The config goes to out_dir/config.json at the start (a resume rewrites it, as it may change the bookkeeping).
     Every log_every iterations, and at the end, the mean outer loss and accuracy since the last row go to the log.
     Ctrl-C finishes the current iteration, saves, then raises KeyboardInterrupt. Under torchrun each worker runs
-    one task of the meta-batch; rank 0 logs and writes.
+    one task of the meta-batch; rank 0 logs and writes, and refuses a folder that another process is training into.
     """
     config, out_dir = state.config, Path(out_dir)
-    log_file = None
-    if workers.rank() == 0:
-        log_file = _open_log(out_dir / "training_log.csv", state.iteration)
-        checkpoints.remove_temporaries(out_dir)
-        with checkpoints.atomic_path(out_dir / "config.json") as tmp:  # the recipe, readable beside the run
-            tmp.write_text(json.dumps(dataclasses.asdict(config), indent=1) + "\n")
-    step = eager_step(state.model, state.optimizer, config.inner_lr)
-    if graphed:
-        cuda_graph.make_capturable(state.optimizer)
-        step = cuda_graph.CudaGraphed(step)
-    interrupted = []
-    previous_handler = signal.signal(signal.SIGINT, lambda *_: interrupted.append(True))
-    window, last = [], None
-    try:
+    with contextlib.ExitStack() as cleanup:
+        log_file = None
+        if workers.rank() == 0:
+            cleanup.enter_context(checkpoints.sole_writer(out_dir))
+            log_file = cleanup.enter_context(_open_log(out_dir / "training_log.csv", state.iteration))
+            checkpoints.remove_temporaries(out_dir)
+            with checkpoints.atomic_path(out_dir / "config.json") as tmp:  # the recipe, readable beside the run
+                tmp.write_text(json.dumps(dataclasses.asdict(config), indent=1) + "\n")
+        step = eager_step(state.model, state.optimizer, config.inner_lr)
+        if graphed:
+            cuda_graph.make_capturable(state.optimizer)
+            step = cuda_graph.CudaGraphed(step)
+        interrupted = []
+        previous_handler = signal.signal(signal.SIGINT, lambda *_: interrupted.append(True))
+        cleanup.callback(signal.signal, signal.SIGINT, previous_handler)
+        window, last = [], None
         bar = tqdm(range(state.iteration, config.epochs), initial=state.iteration, total=config.epochs,
                    desc="meta-train", disable=workers.rank() > 0)
         for it in bar:
@@ -282,8 +285,4 @@ def train(state: RunState, data: Omniglot, out_dir: Path, graphed: bool = False)
                 log.info("saved %s", last)
             if stop:
                 raise KeyboardInterrupt(f"stopped after iteration {it}, saved as {last}")
-    finally:
-        if log_file:
-            log_file.close()
-        signal.signal(signal.SIGINT, previous_handler)
     return last

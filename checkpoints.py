@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import random
+import sys
 import re
 import warnings
 from collections.abc import Iterator
@@ -13,6 +14,9 @@ import numpy as np
 import torch
 
 from model import ANML
+
+if sys.platform != "win32":
+    import fcntl
 
 CHECKPOINT_NAME = re.compile(r"^(\d+)_(\d+)_(\d+)_ANML-(\d+)\.pth$")
 
@@ -48,6 +52,22 @@ def atomic_path(path: Path) -> Iterator[Path]:
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     yield tmp
     tmp.replace(path)
+
+
+@contextmanager
+def sole_writer(folder: Path) -> Iterator[None]:
+    """Hold folder/.lock while a run writes to folder: a second process training into it (a resume started twice)
+    would cut the first one's log back to its own start and mix their checkpoints. The lock goes with the process,
+    however it ends. Not on Windows, which lacks flock."""
+    folder.mkdir(parents=True, exist_ok=True)
+    with (folder / ".lock").open("w") as lock:
+        if sys.platform != "win32":
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise ValueError(f"another process is training into {folder}; let it finish, or stop it (Ctrl-C "
+                                 "saves) and resume it once") from None
+        yield
 
 
 def save_atomic(obj: object, path: Path) -> None:

@@ -176,7 +176,8 @@ def main(argv: list[str] | None = None) -> None:
                  f"{resume_command(args, state.checkpoint(args.out_dir))}")
     finally:
         curve = None
-        if state is not None and workers.rank() == 0 and (args.out_dir / "training_log.csv").is_file():
+        # Only where this process trained: not over the folder of a run that another process holds.
+        if state is not None and workers.rank() == 0 and state.iteration > start:
             curve = plot_training_log(args.out_dir, state.config)
         workers.leave(together=finished)
     logging.info("done: %s, log %s, curve %s", last, args.out_dir / "training_log.csv", curve)

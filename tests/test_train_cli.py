@@ -11,7 +11,7 @@ import torch
 
 from anml import RunConfig
 from train_omni import parse_args, run_config
-from checkpoints import load_anml
+from checkpoints import load_anml, sole_writer
 from model import ANML
 from tests.conftest import REPO, assert_one_line_error
 
@@ -184,6 +184,18 @@ def test_bad_input_is_one_line_and_blocks_nothing(case, tmp_path, omniglot_root)
     assert_one_line_error(train_omni(*SMALL, *args, *out, check=False) if "--resume" not in args
                           else train_omni(*args, check=False), *words)
     assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
+
+
+def test_resume_refuses_a_folder_that_another_process_trains_into(tmp_path, omniglot_root):
+    checkpoint = saved_run(tmp_path / "run")
+    with sole_writer(tmp_path / "run"):  # as a train_omni.py running there holds it
+        before = {p.name: p.read_bytes() for p in (tmp_path / "run").iterdir()}
+        result = train_omni("--resume", checkpoint, "--data-root", omniglot_root, check=False)
+        assert result.returncode != 0  # after the resumed state is read, so its "resuming ..." line comes first
+        assert result.stderr.strip().splitlines()[-1].startswith("error: another process is training into")
+        assert {p.name: p.read_bytes() for p in (tmp_path / "run").iterdir()} == before
+    train_omni("--resume", checkpoint, "--data-root", omniglot_root)  # the lock goes with its holder
+    assert (tmp_path / "run" / "4_4_36_ANML-3.pth").is_file()
 
 
 def test_resume_goes_on_in_the_checkpoints_folder(tmp_path, omniglot_root):
