@@ -11,7 +11,7 @@ import os
 import shlex
 import shutil
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -50,7 +50,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-download", action="store_true", help="never download Omniglot; fail if it is absent")
     p.add_argument("--seed", type=int, default=0, help="seed of every run's classes, splits and fc init (default 0)")
     p.add_argument("--out", type=Path, metavar="FILE.json",
-                   help="write every run and the summary as JSON, as they come")
+                   help="write every run and the summary as JSON, as they come; never over an existing file")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the evaluation stopped in --out FILE.json, given the same flags: the runs it "
+                        "holds are kept, the rest are run")
     p.add_argument("--plot", type=Path, metavar="FILE.png", help="plot test accuracy against classes")
     p.add_argument("--save-rates", action="store_true",
                    help="write the rates chosen on the selection runs beside the model (MODEL.json), for later "
@@ -70,6 +73,8 @@ def check_args(args: argparse.Namespace) -> None:
             raise ValueError(f"--lr {lr} is not a positive learning rate")
     if args.runs < 1 or args.select_runs < 1:
         raise ValueError("--runs and --select-runs must be at least 1")
+    if args.resume and args.out is None:
+        raise ValueError("--resume continues the evaluation in --out FILE.json; give --out")
     if args.save_rates and len(args.lr or []) < 2:
         raise ValueError("--save-rates needs several --lr to choose from")
     parse_checkpoint_name(args.model)
@@ -98,8 +103,35 @@ def learning_rates(args: argparse.Namespace) -> dict[int, list[float]]:
     chosen = {}
     if rates_path(args.model).is_file():
         chosen = {int(n): entry["lr"] for n, entry in json.loads(rates_path(args.model).read_text())["classes"].items()}
-        logging.info("rates chosen for this model on selection runs, from %s (--lr overrides)", rates_path(args.model))
     return {n: [chosen.get(n, published_lr(n))] for n in args.classes}
+
+
+def settings(args: argparse.Namespace) -> dict:
+    """What decides an evaluation's runs, as its JSON records them: a stopped one resumes only under the same."""
+    return {"model": str(args.model), "train_examples": args.train_examples, "seed": args.seed,
+            "classes": args.classes, "rates": {str(n): lrs for n, lrs in learning_rates(args).items()},
+            "reported_runs": args.runs, "selection_runs": args.select_runs}
+
+
+def stopped_runs(args: argparse.Namespace) -> list[dict]:
+    """The runs that --resume keeps from --out (none where it does not exist yet); an existing --out without
+    --resume, or one written under other settings, is refused before any work."""
+    if args.out is None or not args.out.is_file():
+        return []
+    if not args.resume:
+        raise ValueError(f"--out {args.out} already holds results; continue them with --resume, or give another --out")
+    try:
+        saved = json.loads(args.out.read_text())
+        runs = saved["runs"]
+    except (ValueError, KeyError, TypeError):
+        raise ValueError(f"--out {args.out} is not an evaluation's JSON; give another --out") from None
+    differ = [key for key, value in settings(args).items() if key != "model" and saved.get(key) != value]
+    if Path(str(saved.get("model"))).resolve() != args.model.resolve():
+        differ.insert(0, "model")
+    if differ:
+        raise ValueError(f"--out {args.out} was evaluated with other {', '.join(differ)}; resume it with the flags it "
+                         "was started with, or give another --out")
+    return runs
 
 
 def run_seed(seed: int, purpose: str, n_classes: int, run: int) -> int:
@@ -111,34 +143,47 @@ def mean_std(values: list[float]) -> tuple[float, float]:
     return float(np.mean(values)), float(np.std(values))
 
 
-def evaluate(args: argparse.Namespace) -> Iterator[dict]:
-    """Every run of the sweep, class count after class count; after each, yields the results so far: the runs and,
-    per class count finished, the chosen rate and its figures."""
+def evaluate(args: argparse.Namespace, stopped: Sequence[dict] = ()) -> Iterator[dict]:
+    """Every run of the sweep, class count after class count, rate after rate; after each rate's selection or reported
+    runs, yields the results so far: the runs and, per class count finished, the chosen rate and its figures. The
+    runs of a stopped evaluation of the same settings (`stopped`) are kept, not run again."""
     device = runtime.resolve_device(args.device)
     if device.type == "cuda":
         runtime.float32_only()  # features as the CPU computes them, not through TF32 convolutions
     runtime.keep_freed_memory()
     model = load_anml(args.model, device).eval()
     data = load_split(find_root(args.data_root, download=not args.no_download), "images_evaluation")
+    if not args.lr and rates_path(args.model).is_file():
+        logging.info("rates chosen for this model on selection runs, from %s (--lr overrides)", rates_path(args.model))
     lrs = learning_rates(args)
     features = meta_test.cached_features(args.model, model, data)
     plan = {n: [(lr, purpose, count) for lr in lrs[n]
                 for purpose, count in (("select", args.select_runs if len(lrs[n]) > 1 else 0), ("report", args.runs))
                 if count] for n in args.classes}
-    results = {"model": str(args.model), "train_examples": args.train_examples, "seed": args.seed, "runs": [],
-               "summary": []}
+    results = {**settings(args), "runs": [], "summary": []}
     with tqdm(total=sum(count for groups in plan.values() for *_, count in groups), desc="meta-test runs") as progress:
         for n, groups in plan.items():
             for lr, purpose, count in groups:
-                seeds = [run_seed(args.seed, purpose, n, run) for run in range(count)]
-                result = meta_test.meta_test_runs(model, features, data, n, lr, seeds, args.train_examples)
-                for run, (seed, test, train) in enumerate(zip(seeds, result.test_accuracy.tolist(),
-                                                              result.train_accuracy.tolist())):
-                    results["runs"].append({"classes": n, "lr": lr, "purpose": purpose, "run": run, "seed": seed,
-                                            "test_accuracy": test, "train_accuracy": train})
+                kept = [r for r in stopped if (r["classes"], r["lr"], r["purpose"]) == (n, lr, purpose)]
+                if len(kept) == count:
+                    results["runs"] += kept
+                else:
+                    results["runs"] += run_group(model, features, data, n, lr, purpose, count, args)
                 progress.update(count)
-            results["summary"].append(summarise(results["runs"], n, lrs[n]))
-            yield results
+                if (lr, purpose, count) == groups[-1]:
+                    results["summary"].append(summarise(results["runs"], n, lrs[n]))
+                yield results
+
+
+def run_group(model, features, data, n: int, lr: float, purpose: str, count: int,
+              args: argparse.Namespace) -> list[dict]:
+    """`count` runs of one class count, rate and purpose, trained together."""
+    seeds = [run_seed(args.seed, purpose, n, run) for run in range(count)]
+    result = meta_test.meta_test_runs(model, features, data, n, lr, seeds, args.train_examples)
+    return [{"classes": n, "lr": lr, "purpose": purpose, "run": run, "seed": seed, "test_accuracy": test,
+             "train_accuracy": train}
+            for run, (seed, test, train) in enumerate(zip(seeds, result.test_accuracy.tolist(),
+                                                          result.train_accuracy.tolist()))]
 
 
 def summarise(runs: list[dict], n: int, rates: list[float]) -> dict:
@@ -233,10 +278,13 @@ def main(argv: list[str] | None = None) -> None:
     results = None
     try:
         check_args(args)
-        for results in evaluate(args):
-            for line in class_lines(results, results["summary"][-1]["classes"]):
-                tqdm.write(line)
-            if args.out:  # as the results come: a stopped evaluation keeps what it finished
+        printed = 0
+        for results in evaluate(args, stopped_runs(args)):
+            for summary in results["summary"][printed:]:
+                for line in class_lines(results, summary["classes"]):
+                    tqdm.write(line)
+            printed = len(results["summary"])
+            if args.out:  # as the results come: a stopped evaluation keeps what it finished, and --resume goes on
                 with atomic_path(args.out) as tmp:
                     tmp.write_text(json.dumps(results, indent=1))
     except (OSError, ValueError) as err:
@@ -245,7 +293,8 @@ def main(argv: list[str] | None = None) -> None:
         if results and results["summary"]:
             print("\n" + table(results))
         sys.exit(f"interrupted: {len(results['summary']) if results else 0} of {len(args.classes)} class counts "
-                 "finished" + (f", kept in {args.out}" if args.out and results else ""))
+                 "finished" + (f", the runs done kept in {args.out}; continue with --resume" if args.out and results
+                               else ""))
     if args.save_rates:
         logging.info("chosen rates written to %s", save_rates(args.model, results, shlex.join(["python", *sys.argv])))
     if args.plot:

@@ -228,14 +228,39 @@ def test_results_come_class_count_by_class_count(checkpoint, omniglot_root, tmp_
             raise KeyboardInterrupt
         return real(model, features, data, n_classes, *args)
     monkeypatch.setattr(meta_test, "meta_test_runs", interrupt_the_second_count)
+    args = ["-m", str(checkpoint), "-c", "3", "4", "-l", "0.002", "-r", "2", "-d", "cpu",
+            "--data-root", str(omniglot_root), "--out", str(out)]
     with pytest.raises(SystemExit) as stop:
-        eval_omni.main(["-m", str(checkpoint), "-c", "3", "4", "-l", "0.002", "-r", "2", "-d", "cpu",
-                        "--data-root", str(omniglot_root), "--out", str(out)])
-    assert stop.value.code == f"interrupted: 1 of 2 class counts finished, kept in {out}"
+        eval_omni.main(args)
+    assert stop.value.code == (f"interrupted: 1 of 2 class counts finished, the runs done kept in {out}; "
+                               "continue with --resume")
     printed = capsys.readouterr().out
     assert "Classes 3 Accuracy" in printed and "Classes 4" not in printed
     assert "best-of-sweep" not in printed  # one rate: nothing was swept
     assert [s["classes"] for s in json.loads(out.read_text())["summary"]] == [3]
+
+    run = []
+    monkeypatch.setattr(meta_test, "meta_test_runs", lambda model, features, data, n, *rest:
+                        run.append(n) or real(model, features, data, n, *rest))
+    eval_omni.main([*args, "--resume"])
+    assert run == [4]  # the stopped evaluation's runs of 3 classes are kept, not run again
+    eval_omni.main([*args[:-1], str(tmp_path / "straight.json")])
+    resumed, straight = (json.loads(path.read_text()) for path in (out, tmp_path / "straight.json"))
+    assert resumed["runs"] == straight["runs"] and resumed["summary"] == straight["summary"]
+
+
+def test_an_existing_out_goes_on_only_with_resume_and_the_same_flags(checkpoint, tmp_path):
+    out = tmp_path / "r.json"
+    common = ["-m", checkpoint, "-c", 3, "-l", 0.002, "-d", "cpu", "--data-root", tmp_path / "nowhere"]
+    stopped = eval_omni.settings(eval_omni.parse_args(list(map(str, common))))
+    out.write_text(json.dumps({**stopped, "runs": [], "summary": []}))
+    assert_one_line_error(eval_cli(*common, "--out", out), "already holds results", "--resume")
+    assert_one_line_error(eval_cli(*common, "-r", 3, "--out", out, "--resume"), "other reported_runs",
+                          "flags it was started with")
+    assert_one_line_error(eval_cli(*common, "--resume"), "--resume", "give --out")
+    out.write_text("[1, 2]")
+    assert_one_line_error(eval_cli(*common, "--out", out, "--resume"), "is not an evaluation's JSON")
+    assert out.read_text() == "[1, 2]"
 
 
 def test_rates_chosen_for_a_model_are_its_default(checkpoint, omniglot_root, tmp_path):
