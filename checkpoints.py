@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import os
 import random
-import sys
 import re
+import sys
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager

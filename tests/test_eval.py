@@ -239,11 +239,11 @@ def test_results_come_class_count_by_class_count(checkpoint, omniglot_root, tmp_
     assert "best-of-sweep" not in printed  # one rate: nothing was swept
     assert [s["classes"] for s in json.loads(out.read_text())["summary"]] == [3]
 
-    run = []
+    ran = []
     monkeypatch.setattr(meta_test, "meta_test_runs", lambda model, features, data, n, *rest:
-                        run.append(n) or real(model, features, data, n, *rest))
+                        ran.append(n) or real(model, features, data, n, *rest))
     eval_omni.main([*args, "--resume"])
-    assert run == [4]  # the stopped evaluation's runs of 3 classes are kept, not run again
+    assert ran == [4]  # the stopped evaluation's runs of 3 classes are kept, not run again
     eval_omni.main([*args[:-1], str(tmp_path / "straight.json")])
     resumed, straight = (json.loads(path.read_text()) for path in (out, tmp_path / "straight.json"))
     assert resumed["runs"] == straight["runs"] and resumed["summary"] == straight["summary"]
