@@ -125,8 +125,12 @@ def stopped_runs(args: argparse.Namespace) -> list[dict]:
         runs = saved["runs"]
     except (ValueError, KeyError, TypeError):
         raise ValueError(f"--out {args.out} is not an evaluation's JSON; give another --out") from None
-    differ = [key for key, value in settings(args).items() if key != "model" and saved.get(key) != value]
-    if Path(str(saved.get("model"))).resolve() != args.model.resolve():
+    ours = settings(args)
+    if not ours.keys() <= saved.keys():
+        raise ValueError(f"--out {args.out} does not record the settings it was evaluated with (an older version wrote "
+                         "it), so it cannot be resumed; give another --out")
+    differ = [key for key, value in ours.items() if key != "model" and saved[key] != value]
+    if Path(saved["model"]).resolve() != args.model.resolve():
         differ.insert(0, "model")
     if differ:
         raise ValueError(f"--out {args.out} was evaluated with other {', '.join(differ)}; resume it with the flags it "

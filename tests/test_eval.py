@@ -258,6 +258,8 @@ def test_an_existing_out_goes_on_only_with_resume_and_the_same_flags(checkpoint,
     assert_one_line_error(eval_cli(*common, "-r", 3, "--out", out, "--resume"), "other reported_runs",
                           "flags it was started with")
     assert_one_line_error(eval_cli(*common, "--resume"), "--resume", "give --out")
+    out.write_text(json.dumps({"runs": [], "summary": []}))
+    assert_one_line_error(eval_cli(*common, "--out", out, "--resume"), "does not record the settings")
     out.write_text("[1, 2]")
     assert_one_line_error(eval_cli(*common, "--out", out, "--resume"), "is not an evaluation's JSON")
     assert out.read_text() == "[1, 2]"
