@@ -106,10 +106,11 @@ def learning_rates(args: argparse.Namespace) -> dict[int, list[float]]:
     return {n: [chosen.get(n, published_lr(n))] for n in args.classes}
 
 
-def settings(args: argparse.Namespace) -> dict:
-    """What decides an evaluation's runs, as its JSON records them: a stopped one resumes only under the same."""
+def settings(args: argparse.Namespace, lrs: dict[int, list[float]]) -> dict:
+    """What decides an evaluation's runs (`lrs`: learning_rates(args)), as its JSON records them: a stopped one
+    resumes only under the same."""
     return {"model": str(args.model), "train_examples": args.train_examples, "seed": args.seed,
-            "classes": args.classes, "rates": {str(n): lrs for n, lrs in learning_rates(args).items()},
+            "classes": args.classes, "rates": {str(n): rates for n, rates in lrs.items()},
             "reported_runs": args.runs, "selection_runs": args.select_runs}
 
 
@@ -125,7 +126,7 @@ def stopped_runs(args: argparse.Namespace) -> list[dict]:
         runs = saved["runs"]
     except (ValueError, KeyError, TypeError):
         raise ValueError(f"--out {args.out} is not an evaluation's JSON; give another --out") from None
-    ours = settings(args)
+    ours = settings(args, learning_rates(args))
     if not ours.keys() <= saved.keys():
         raise ValueError(f"--out {args.out} does not record the settings it was evaluated with (an older version wrote "
                          "it), so it cannot be resumed; give another --out")
@@ -164,7 +165,7 @@ def evaluate(args: argparse.Namespace, stopped: Sequence[dict] = ()) -> Iterator
     plan = {n: [(lr, purpose, count) for lr in lrs[n]
                 for purpose, count in (("select", args.select_runs if len(lrs[n]) > 1 else 0), ("report", args.runs))
                 if count] for n in args.classes}
-    results = {**settings(args), "runs": [], "summary": []}
+    results = {**settings(args, lrs), "runs": [], "summary": []}
     with tqdm(total=sum(count for groups in plan.values() for *_, count in groups), desc="meta-test runs") as progress:
         for n, groups in plan.items():
             for lr, purpose, count in groups:

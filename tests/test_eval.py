@@ -252,7 +252,8 @@ def test_results_come_class_count_by_class_count(checkpoint, omniglot_root, tmp_
 def test_an_existing_out_goes_on_only_with_resume_and_the_same_flags(checkpoint, tmp_path):
     out = tmp_path / "r.json"
     common = ["-m", checkpoint, "-c", 3, "-l", 0.002, "-d", "cpu", "--data-root", tmp_path / "nowhere"]
-    stopped = eval_omni.settings(eval_omni.parse_args(list(map(str, common))))
+    args = eval_omni.parse_args(list(map(str, common)))
+    stopped = eval_omni.settings(args, eval_omni.learning_rates(args))
     out.write_text(json.dumps({**stopped, "runs": [], "summary": []}))
     assert_one_line_error(eval_cli(*common, "--out", out), "already holds results", "--resume")
     assert_one_line_error(eval_cli(*common, "-r", 3, "--out", out, "--resume"), "other reported_runs",
