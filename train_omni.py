@@ -83,9 +83,15 @@ def run_config(args: argparse.Namespace, saved: RunConfig | None, start: int = 0
 def check_args(args: argparse.Namespace) -> None:
     """Refuse bad flags before any work; a new run must not overwrite another run's log and checkpoints (the
     shipped model's, for one)."""
-    for key in ("epochs", "save_every", "log_every", "keep_states"):
+    for key in ("rln", "nm", "mask", "epochs", "save_every", "log_every", "keep_states"):
         if getattr(args, key) is not None and getattr(args, key) < 1:
             raise ValueError(f"{flag(key)} {getattr(args, key)} must be at least 1")
+    if args.seed is not None and not 0 <= args.seed < 2**32:
+        raise ValueError(f"--seed {args.seed} is outside 0..{2**32 - 1}, the seeds numpy accepts")
+    if args.outer_lr is not None and not args.outer_lr > 0:
+        raise ValueError(f"--outer-lr {args.outer_lr} is not a positive learning rate; the outer step would not learn")
+    if args.inner_lr is not None and not args.inner_lr >= 0:
+        raise ValueError(f"--inner-lr {args.inner_lr} is not a learning rate; give 0 (no inner learning) or more")
     if args.out_dir.exists() and not args.out_dir.is_dir():
         raise ValueError(f"--out-dir {args.out_dir} is a file, not a folder; give another --out-dir")
     if not args.resume and (args.out_dir / "training_log.csv").exists():

@@ -170,11 +170,25 @@ def interval(name, value):
     return case
 
 
+def negative_seed(tmp_path, _):
+    return ["--seed", -1], ["--seed -1 is outside 0..4294967295"]
+
+
+def bad_rate(name, value):
+    def case(tmp_path, _):
+        return [name, value], [f"{name} {value}", "learning rate"]
+    case.__name__ = f"{name}_{value}"
+    return case
+
+
 @pytest.mark.parametrize("case", [not_a_checkpoint, truncated_checkpoint, junk_state, state_from_a_newer_version,
                                   folder_without_states, other_sizes,
                                   resume_past_its_end, out_dir_is_a_file, drawing_missing,
                                   interval("--save-every", 0), interval("--log-every", 0),
-                                  interval("--epochs", 0), interval("--epochs", -3)], ids=lambda c: c.__name__)
+                                  interval("--epochs", 0), interval("--epochs", -3), interval("--rln", 0),
+                                  interval("--nm", -2), bad_rate("--outer-lr", 0.0), bad_rate("--inner-lr", -0.1),
+                                  negative_seed],
+                         ids=lambda c: c.__name__)
 def test_bad_input_is_one_line_and_blocks_nothing(case, tmp_path, omniglot_root):
     args, words = case(tmp_path, omniglot_root)
     if "--data-root" not in args:
