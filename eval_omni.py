@@ -77,6 +77,8 @@ def check_args(args: argparse.Namespace) -> None:
         raise ValueError("--resume continues the evaluation in --out FILE.json; give --out")
     if args.save_rates and len(args.lr or []) < 2:
         raise ValueError("--save-rates needs several --lr to choose from")
+    if args.model.is_dir():
+        raise ValueError(f"--model {args.model} is a folder; name a checkpoint in it")
     parse_checkpoint_name(args.model)
     if not args.model.is_file():
         raise FileNotFoundError(f"{args.model}: no such checkpoint; check the path")

@@ -184,6 +184,7 @@ def test_seed_reproduces_runs(small_model, checkpoint, omniglot_root):
     (["-l", "0"], ["--lr 0.0", "positive"]),
     (["-m", "trained_anmls/256_112_2304_ANML-12345.pth"], ["no such checkpoint"]),
     (["-m", "README.md"], ["checkpoint name"]),
+    (["-m", "trained_anmls"], ["--model trained_anmls is a folder"]),
     (["--out", "tests"], ["--out tests is a folder"]),
 ])
 def test_bad_input_is_one_line_before_work(args, words, tmp_path):
