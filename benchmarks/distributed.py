@@ -48,6 +48,8 @@ def main() -> None:
     p.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     p.add_argument("--iterations", type=int, default=5)
     args = p.parse_args()
+    if min(args.iterations, *args.workers) < 1:
+        p.error("--workers and --iterations must be at least 1")
     base = None
     for k in args.workers:
         result = mp.get_context("spawn").SimpleQueue()

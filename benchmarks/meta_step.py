@@ -45,6 +45,8 @@ def main() -> None:
     p.add_argument("--iterations", type=int, default=5, help="timed iterations per path (plus warm-up)")
     p.add_argument("-d", "--device", choices=["cpu", "cuda"])
     args = p.parse_args()
+    if args.iterations < 1:
+        p.error("--iterations must be at least 1")
     device = runtime.resolve_device(args.device)
     runtime.keep_freed_memory()
     if device.type == "cuda":

@@ -31,6 +31,8 @@ def main() -> None:
     p.add_argument("--plain-runs", type=int, default=1)
     p.add_argument("-d", "--device", choices=["cpu", "cuda"])
     args = p.parse_args()
+    if min(args.runs, args.plain_runs) < 1:
+        p.error("--runs and --plain-runs must be at least 1")
     device = runtime.resolve_device(args.device)
     runtime.keep_freed_memory()
     data = load_split(find_root(), "images_evaluation").to(device)
