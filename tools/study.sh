@@ -2,6 +2,7 @@
 # The recipe study (issue 13): start, or resume from its newest checkpoint, each run in the background, one
 # thread each, in ~/anml_runs/NAME (outside the repository; NAME.out beside it holds the progress).
 #   bash tools/study.sh              # start or resume every run below
+#   bash tools/study.sh status       # each run's last logged iteration, and whether it is running
 #   bash tools/study.sh eval 9999    # meta-test each run's checkpoint of that iteration: 100 and 600 classes, the
 #                                    # rates below, 1 selection and 3 reported runs each (the reported runs are
 #                                    # the classes and splits of README's milestone table); JSON in trained_anmls/study/
@@ -19,17 +20,31 @@ RUNS=(A_outer_lr_0.001_seed_2 B_outer_lr_0.003_cosine)
 RATES=(0.0003 0.0005 0.0008 0.001 0.0012 0.0016 0.002)
 
 if [ "${1:-}" = eval ]; then
+    it=${2:?give the checkpoint iteration to meta-test, e.g. bash tools/study.sh eval 9999}
     mkdir -p trained_anmls/study
     for name in "${RUNS[@]}"; do
-        "$python" eval_omni.py -m "$runs/$name/256_112_2304_ANML-$2.pth" -c 100 600 -l "${RATES[@]}" -r 3 \
-            --select-runs 1 -d cpu --out "trained_anmls/study/${name}_$2.json" | tail -4
+        "$python" eval_omni.py -m "$runs/$name/256_112_2304_ANML-$it.pth" -c 100 600 -l "${RATES[@]}" -r 3 \
+            --select-runs 1 -d cpu --out "trained_anmls/study/${name}_$it.json" | tail -4
+    done
+    exit
+fi
+
+running() {  # NAME: whether a train_omni.py trains into that run's folder
+    pgrep -f -- "$runs/$1( |\$)" > /dev/null
+}
+
+if [ "${1:-}" = status ]; then
+    for name in "${RUNS[@]}"; do
+        log=$runs/$name/training_log.csv
+        echo "$name: $( [ -f "$log" ] && tail -n 1 "$log" | cut -d, -f1 || echo none) (last iteration logged)," \
+             "$(running "$name" && echo running || echo stopped)"
     done
     exit
 fi
 
 start() {  # NAME, then the recipe's flags
     local name=$1 dir=$runs/$1; shift
-    if pgrep -f -- "$dir( |\$)" > /dev/null; then
+    if running "$name"; then
         echo "$name: already running"
     elif [ -d "$dir" ]; then
         nohup "$python" train_omni.py --resume "$dir" -d cpu >> "$dir.out" 2>&1 &
