@@ -243,8 +243,9 @@ def train(state: RunState, data: Omniglot, out_dir: Path, graphed: bool = False)
 
     The config goes to out_dir/config.json at the start (a resume rewrites it, as it may change the bookkeeping).
     Every log_every iterations, and at the end, the mean outer loss and accuracy since the last row go to the log.
-    Ctrl-C finishes the current iteration, saves, then raises KeyboardInterrupt. Under torchrun each worker runs
-    one task of the meta-batch; rank 0 logs and writes, and refuses a folder that another process is training into.
+    Ctrl-C, or SIGTERM (what a batch scheduler sends before it kills), finishes the current iteration, saves, then
+    raises KeyboardInterrupt. Under torchrun each worker runs one task of the meta-batch; rank 0 logs and writes, and
+    refuses a folder that another process is training into.
     """
     config, out_dir = state.config, Path(out_dir)
     with contextlib.ExitStack() as cleanup:
@@ -260,8 +261,9 @@ def train(state: RunState, data: Omniglot, out_dir: Path, graphed: bool = False)
             cuda_graph.make_capturable(state.optimizer)
             step = cuda_graph.CudaGraphed(step)
         interrupted = []
-        previous_handler = signal.signal(signal.SIGINT, lambda *_: interrupted.append(True))
-        cleanup.callback(signal.signal, signal.SIGINT, previous_handler)
+        for stop_signal in (signal.SIGINT, signal.SIGTERM):
+            previous_handler = signal.signal(stop_signal, lambda *_: interrupted.append(True))
+            cleanup.callback(signal.signal, stop_signal, previous_handler)
         window, last = [], None
         bar = tqdm(range(state.iteration, config.epochs), initial=state.iteration, total=config.epochs,
                    desc="meta-train", disable=workers.rank() > 0)

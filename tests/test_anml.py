@@ -61,25 +61,26 @@ def test_meta_step_matches_plain_reference(background):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=0, msg=name)
 
 
-def test_ctrl_c_finishes_the_iteration_and_saves(background, tmp_path, monkeypatch):
+@pytest.mark.parametrize("stop_signal", [signal.SIGINT, signal.SIGTERM], ids=["ctrl_c", "sigterm"])
+def test_a_stop_signal_finishes_the_iteration_and_saves(stop_signal, background, tmp_path, monkeypatch):
     real_step = anml.meta_step
     calls = []
 
     def step_then_interrupt(*args, **kwargs):
         calls.append(1)
         if len(calls) == 2:
-            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), stop_signal)
         return real_step(*args, **kwargs)
 
     monkeypatch.setattr(anml, "meta_step", step_then_interrupt)
     state = RunState.fresh(RunConfig(rln=16, nm=8, epochs=10, save_every=100, log_every=100), torch.device("cpu"))
-    handler = signal.getsignal(signal.SIGINT)  # SIG_IGN, not Python's default, in a background job
+    handler = signal.getsignal(stop_signal)  # SIGINT: SIG_IGN, not Python's default, in a background job
     with pytest.raises(KeyboardInterrupt, match="stopped after iteration 1"):
         anml.train(state, background, tmp_path)
     assert len(calls) == 2
     saved = tmp_path / checkpoints.checkpoint_name(16, 8, 144, 1)
     assert saved.is_file() and checkpoints.state_path(saved).is_file()
-    assert signal.getsignal(signal.SIGINT) is handler  # train's own handler is gone again
+    assert signal.getsignal(stop_signal) is handler  # train's own handler is gone again
 
 
 def test_meta_iteration_draws_a_task_and_lobotomizes_its_class(background):
