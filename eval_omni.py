@@ -10,6 +10,7 @@ import logging
 import os
 import shlex
 import shutil
+import signal
 import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -283,6 +284,8 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     args = parse_args(argv)
     results = None
+    # A batch scheduler's SIGTERM stops the evaluation as Ctrl-C does: with the table so far and how to go on.
+    previous_handler = signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         check_args(args)
         printed = 0
@@ -302,6 +305,8 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(f"interrupted: {len(results['summary']) if results else 0} of {len(args.classes)} class counts "
                  "finished" + (f", the runs done kept in {args.out}; continue with --resume" if args.out and results
                                else ""))
+    finally:
+        signal.signal(signal.SIGTERM, previous_handler)
     if args.save_rates:
         logging.info("chosen rates written to %s", save_rates(args.model, results, shlex.join(["python", *sys.argv])))
     if args.plot:

@@ -2,6 +2,7 @@ import copy
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 
@@ -248,6 +249,22 @@ def test_results_come_class_count_by_class_count(checkpoint, omniglot_root, tmp_
     eval_omni.main([*args[:-1], str(tmp_path / "straight.json")])
     resumed, straight = (json.loads(path.read_text()) for path in (out, tmp_path / "straight.json"))
     assert resumed["runs"] == straight["runs"] and resumed["summary"] == straight["summary"]
+
+
+def test_sigterm_stops_as_ctrl_c_does(checkpoint, omniglot_root, monkeypatch):
+    real = meta_test.meta_test_runs
+
+    def terminate_at_the_second_count(model, features, data, n_classes, *args):
+        if n_classes == 4:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(model, features, data, n_classes, *args)
+    monkeypatch.setattr(meta_test, "meta_test_runs", terminate_at_the_second_count)
+    handler = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(SystemExit) as stop:
+        eval_omni.main(["-m", str(checkpoint), "-c", "3", "4", "-l", "0.002", "-r", "1", "-d", "cpu",
+                        "--data-root", str(omniglot_root)])
+    assert stop.value.code == "interrupted: 1 of 2 class counts finished"
+    assert signal.getsignal(signal.SIGTERM) is handler  # eval's own handler is gone again
 
 
 def test_an_existing_out_goes_on_only_with_resume_and_the_same_flags(checkpoint, tmp_path):
