@@ -12,6 +12,7 @@ import shlex
 import shutil
 import signal
 import sys
+import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -88,6 +89,11 @@ def check_args(args: argparse.Namespace) -> None:
             if path.is_dir():
                 raise ValueError(f"{flag} {path} is a folder; name a file in it")
             path.parent.mkdir(parents=True, exist_ok=True)
+            try:  # now, not after the first runs: a place that takes no file would cost their work
+                tempfile.TemporaryFile(dir=path.parent).close()
+            except OSError as err:
+                raise ValueError(f"{flag} {path}: no file can be written in {path.parent} ({err.strerror}); "
+                                 f"give another {flag}") from None
     cxx = os.environ.get("CXX", "g++")  # where torch.compile looks for the compiler of its CPU kernels
     if runtime.resolve_device(args.device).type == "cpu" and shutil.which(cxx) is None:
         raise FileNotFoundError(f"meta-testing on the CPU compiles its Adam step with torch.compile, which needs a "

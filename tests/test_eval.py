@@ -187,6 +187,7 @@ def test_seed_reproduces_runs(small_model, checkpoint, omniglot_root):
     (["-m", "README.md"], ["checkpoint name"]),
     (["-m", "trained_anmls"], ["--model trained_anmls is a folder"]),
     (["--out", "tests"], ["--out tests is a folder"]),
+    (["--out", "/proc/r.json"], ["--out /proc/r.json: no file can be written in /proc"]),
 ])
 def test_bad_input_is_one_line_before_work(args, words, tmp_path):
     result = eval_cli(*args, "--data-root", tmp_path / "nowhere")  # data is never reached
