@@ -5,6 +5,7 @@ import os
 import random
 import re
 import sys
+import tempfile
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -52,6 +53,17 @@ def atomic_path(path: Path) -> Iterator[Path]:
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     yield tmp
     tmp.replace(path)
+
+
+def check_writable(folder: Path, flag: str, given: Path) -> None:
+    """Refuse now, naming `flag` and its value, a folder (or, until it exists, its nearest existing parent) that takes
+    no file, rather than after the work whose results it was to hold."""
+    existing = next(p for p in (folder, *folder.parents) if p.exists())
+    try:
+        tempfile.TemporaryFile(dir=existing).close()
+    except OSError as err:
+        raise ValueError(f"{flag} {given}: no file can be written in {existing} ({err.strerror}); "
+                         f"give another {flag}") from None
 
 
 @contextmanager

@@ -12,7 +12,6 @@ import shlex
 import shutil
 import signal
 import sys
-import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -21,7 +20,7 @@ from tqdm import tqdm
 
 import meta_test
 import runtime
-from checkpoints import atomic_path, load_anml, parse_checkpoint_name
+from checkpoints import atomic_path, check_writable, load_anml, parse_checkpoint_name
 from datasets import find_root, load_split
 
 SHIPPED_MODEL = Path(__file__).resolve().parent / "trained_anmls" / "256_112_2304_ANML-29999.pth"
@@ -89,11 +88,7 @@ def check_args(args: argparse.Namespace) -> None:
             if path.is_dir():
                 raise ValueError(f"{flag} {path} is a folder; name a file in it")
             path.parent.mkdir(parents=True, exist_ok=True)
-            try:  # now, not after the first runs: a place that takes no file would cost their work
-                tempfile.TemporaryFile(dir=path.parent).close()
-            except OSError as err:
-                raise ValueError(f"{flag} {path}: no file can be written in {path.parent} ({err.strerror}); "
-                                 f"give another {flag}") from None
+            check_writable(path.parent, flag, path)
     cxx = os.environ.get("CXX", "g++")  # where torch.compile looks for the compiler of its CPU kernels
     if runtime.resolve_device(args.device).type == "cpu" and shutil.which(cxx) is None:
         raise FileNotFoundError(f"meta-testing on the CPU compiles its Adam step with torch.compile, which needs a "

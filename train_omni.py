@@ -94,6 +94,7 @@ def check_args(args: argparse.Namespace) -> None:
         raise ValueError(f"--inner-lr {args.inner_lr} is not a learning rate; give 0 (no inner learning) or more")
     if args.out_dir.exists() and not args.out_dir.is_dir():
         raise ValueError(f"--out-dir {args.out_dir} is a file, not a folder; give another --out-dir")
+    checkpoints.check_writable(args.out_dir, "--out-dir", args.out_dir)
     if not args.resume and (args.out_dir / "training_log.csv").exists():
         raise ValueError(f"{args.out_dir} already holds a run (training_log.csv); continue it with --resume "
                          "CHECKPOINT, or start a new run with another --out-dir")

@@ -158,6 +158,10 @@ def out_dir_is_a_file(tmp_path, _):
     return ["--out-dir", tmp_path / "file"], ["is a file", "--out-dir"]
 
 
+def out_dir_takes_no_file(tmp_path, _):
+    return ["--out-dir", "/proc/run"], ["--out-dir /proc/run: no file can be written in /proc"]
+
+
 def drawing_missing(tmp_path, omniglot_root):
     root, character = incomplete_data(omniglot_root, tmp_path / "data")
     return ["--data-root", root], [character, "holds 19 drawings, not 20"]
@@ -183,7 +187,7 @@ def bad_rate(name, value):
 
 @pytest.mark.parametrize("case", [not_a_checkpoint, truncated_checkpoint, junk_state, state_from_a_newer_version,
                                   folder_without_states, other_sizes,
-                                  resume_past_its_end, out_dir_is_a_file, drawing_missing,
+                                  resume_past_its_end, out_dir_is_a_file, out_dir_takes_no_file, drawing_missing,
                                   interval("--save-every", 0), interval("--log-every", 0),
                                   interval("--epochs", 0), interval("--epochs", -3), interval("--rln", 0),
                                   interval("--nm", -2), bad_rate("--outer-lr", 0.0), bad_rate("--inner-lr", -0.1),
