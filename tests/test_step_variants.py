@@ -1,0 +1,43 @@
+"""The meta-step variants that benchmarks/step_variants.py times on a GPU compute today's meta-gradient."""
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from datasets import sample_meta_train
+from model import ANML
+from tests.conftest import REPO
+
+sys.path.insert(0, str(REPO / "benchmarks"))
+import step_variants  # noqa: E402
+
+
+def test_fused_instance_norm_is_group_norm_to_the_second_derivative():
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 5, 5, dtype=torch.float64, requires_grad=True)
+    w = torch.rand(3, dtype=torch.float64).add(0.5).requires_grad_()
+    b = torch.randn(3, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradgradcheck(step_variants.instance_norm, (x, w, b))
+
+    def second_derivatives(norm):  # the shape of the outer step: a loss of first derivatives, differentiated
+        y = norm(x, w, b)
+        dx, dw = torch.autograd.grad((y.sin() * y).sum(), (x, w), create_graph=True)
+        return torch.autograd.grad(dx.cos().sum() + (dw ** 2).sum(), (x, w, b))
+
+    fused = second_derivatives(step_variants.instance_norm)
+    torch.testing.assert_close(fused, second_derivatives(lambda x, w, b: F.group_norm(x, 3, w, b)))
+
+
+@pytest.mark.parametrize("variant", [v for v in step_variants.BLOCK_VARIANTS if v != "today"])
+def test_variant_gives_todays_meta_gradient(background, variant):
+    """In float64, so that the comparison sees the computation rather than float32 rounding."""
+    torch.manual_seed(0)
+    traj, remember = sample_meta_train(background)
+    task = [t.double() if t.is_floating_point() else t for t in (*background.batch(traj), *background.batch(remember))]
+    net = ANML(32, 16, 288).double()
+    today = step_variants.gradients(net, task, None)
+    grads = step_variants.gradients(net, task, step_variants.BLOCK_VARIANTS[variant])
+    worst, name = step_variants.worst_difference(grads, today)
+    assert worst < 1e-9, name
+    assert set(grads) == set(today) - ({n for n in today if n.endswith("conv.bias")} if "no-conv-bias" in variant else set())
