@@ -1,4 +1,4 @@
-"""The meta-step variants that benchmarks/step_variants.py times on a GPU compute today's meta-gradient."""
+"""What benchmarks/step_variants.py and batched_runs.py time on a GPU computes today's meta-gradient."""
 import sys
 
 import pytest
@@ -10,6 +10,7 @@ from model import ANML
 from tests.conftest import REPO
 
 sys.path.insert(0, str(REPO / "benchmarks"))
+import batched_runs  # noqa: E402
 import step_variants  # noqa: E402
 
 
@@ -41,3 +42,17 @@ def test_variant_gives_todays_meta_gradient(background, variant):
     worst, name = step_variants.worst_difference(grads, today)
     assert worst < 1e-9, name
     assert set(grads) == set(today) - ({n for n in today if n.endswith("conv.bias")} if "no-conv-bias" in variant else set())
+
+
+def test_batched_runs_step_each_run_as_its_own_meta_step(background):
+    """One step of K runs batched gives each run its own meta-gradient (float64)."""
+    tasks, nets = [], []
+    for k in range(2):
+        torch.manual_seed(100 + k)
+        traj, remember = sample_meta_train(background)
+        tasks.append([t.double() if t.is_floating_point() else t
+                      for t in (*background.batch(traj), *background.batch(remember))])
+        nets.append(ANML(32, 16, 288).double())
+    for net, task, grads in zip(nets, tasks, batched_runs.batched_gradients(nets, tasks)):
+        worst, name = step_variants.worst_difference(grads, step_variants.gradients(net, task, None))
+        assert worst < 1e-9, name

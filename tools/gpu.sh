@@ -8,7 +8,8 @@
 #          each into $OUT, the card named in card.txt
 #   there: bash tools/gpu.sh variants
 #          benchmarks/step_variants.py (candidate changes to the step, timed as graphs, kernels counted) and
-#          benchmarks/concurrent_runs.py (several runs' graphs at once; again without a cuBLAS workspace) into $OUT
+#          benchmarks/concurrent_runs.py (several runs' graphs at once; again without a cuBLAS workspace) and
+#          benchmarks/batched_runs.py (several runs batched into one network) into $OUT
 #   there: bash tools/gpu.sh train [train_omni.py flags]
 #          starts, or resumes from its newest checkpoint, a run in runs/gpu for at most $SECONDS_LEFT seconds
 #          (default 540), then copies the newest weights (24 MB, in 15 MB parts: a call brings back 16 MiB a
@@ -62,10 +63,11 @@ checks)
     cp /tmp/t2000/training_log.csv "$OUT/train_2000_log.csv" ;;
 variants)
     setup
-    timeout 240 python3 benchmarks/step_variants.py -d cuda --iterations 10 2>&1 | tail -12 | tee "$OUT/variants.txt" || true
-    timeout 150 python3 benchmarks/concurrent_runs.py --watchdog 60 2>&1 | tail -30 | tee "$OUT/concurrent.txt" || true
-    CUBLAS_WORKSPACE_CONFIG=:0:0 timeout 150 python3 benchmarks/concurrent_runs.py --watchdog 60 2>&1 | tail -30 |
-        tee "$OUT/concurrent_no_cublas_workspace.txt" || true ;;
+    timeout 180 python3 benchmarks/step_variants.py -d cuda --iterations 10 2>&1 | tail -12 | tee "$OUT/variants.txt" || true
+    timeout 120 python3 benchmarks/concurrent_runs.py --watchdog 60 2>&1 | tail -30 | tee "$OUT/concurrent.txt" || true
+    CUBLAS_WORKSPACE_CONFIG=:0:0 timeout 120 python3 benchmarks/concurrent_runs.py --watchdog 60 2>&1 | tail -30 |
+        tee "$OUT/concurrent_no_cublas_workspace.txt" || true
+    timeout 120 python3 benchmarks/batched_runs.py -d cuda --iterations 10 2>&1 | tail -5 | tee "$OUT/batched.txt" || true ;;
 train)
     shift
     setup
@@ -82,5 +84,5 @@ state)
     state=$(python3 -c "import checkpoints as c; print(c.state_path(c.newest_resumable('runs/gpu')))")
     split -b 15M -d "$state" "$OUT/$(basename "$state").part" ;;
 *)
-    sed -n 2,22p "$0"; exit 2 ;;
+    sed -n 2,23p "$0"; exit 2 ;;
 esac
