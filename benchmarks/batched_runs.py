@@ -34,6 +34,10 @@ from step_variants import Hold, gradients, worst_difference  # noqa: E402
 PARTS = ("conv.weight", "conv.bias", "norm.weight", "norm.bias")
 
 
+def _name(block: int, part: str) -> str:
+    return f"b{block}_{part.replace('.', '_')}"
+
+
 class BatchedStack(nn.Module):
     """K conv stacks as one: input (B, K, 28, 28), output (B, K, C * 9), run k's features at [:, k]."""
 
@@ -43,11 +47,11 @@ class BatchedStack(nn.Module):
         for i in (1, 2, 3):
             for part in PARTS:
                 joined = torch.cat([s.get_parameter(f"convBlock{i}.{part}").detach() for s in stacks])
-                self.register_parameter(f"b{i}_{part.replace('.', '_')}", nn.Parameter(joined.clone()))
+                self.register_parameter(_name(i, part), nn.Parameter(joined))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for i, pool in ((1, True), (2, True), (3, False)):
-            w, b, nw, nb = (getattr(self, f"b{i}_{part.replace('.', '_')}") for part in PARTS)
+            w, b, nw, nb = (getattr(self, _name(i, part)) for part in PARTS)
             x = F.group_norm(F.conv2d(x, w, b, groups=self.k), len(nw), nw, nb)
             x = F.relu(F.max_pool2d(x, 2) if pool else x)
         return x.reshape(len(x), self.k, -1)
@@ -58,8 +62,8 @@ class BatchedLinear(nn.Module):
 
     def __init__(self, layers: list[nn.Linear]):
         super().__init__()
-        self.weight = nn.Parameter(torch.stack([l.weight.detach() for l in layers]).clone())
-        self.bias = nn.Parameter(torch.stack([l.bias.detach() for l in layers]).clone())
+        self.weight = nn.Parameter(torch.stack([layer.weight.detach() for layer in layers]))
+        self.bias = nn.Parameter(torch.stack([layer.bias.detach() for layer in layers]))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.baddbmm(self.bias.unsqueeze(1), x.transpose(0, 1), self.weight.transpose(1, 2)).transpose(0, 1)
@@ -81,7 +85,7 @@ class BatchedANML(nn.Module):
             chs = len(stack.b1_norm_weight) // stack.k
             for i in (1, 2, 3):
                 for part in PARTS:
-                    grad = getattr(stack, f"b{i}_{part.replace('.', '_')}").grad
+                    grad = getattr(stack, _name(i, part)).grad
                     out[f"{net}.convBlock{i}.{part}"] = grad[k * chs:(k + 1) * chs]
         for name, layer in (("nm.fc", self.nm_fc), ("fc", self.fc)):
             out[f"{name}.weight"], out[f"{name}.bias"] = layer.weight.grad[k], layer.bias.grad[k]
