@@ -127,7 +127,7 @@ def batched_meta_step(net: BatchedANML, outer_opt: torch.optim.Optimizer, traj_i
 
 
 def batch_tasks(tasks: list[tuple]) -> tuple:
-    """K runs' tasks (each images (B, 1, 28, 28) and labels (B,), twice) as one: images (B, K, 28, 28), labels (B, K)."""
+    """K runs' tasks (images (B, 1, 28, 28) and labels (B,), twice) as one: images (B, K, 28, 28), labels (B, K)."""
     return tuple(torch.cat(parts, 1) if parts[0].dim() == 4 else torch.stack(parts, 1) for parts in zip(*tasks))
 
 
@@ -193,10 +193,10 @@ def main() -> None:
             return functools.partial(batched_meta_step, net, opt)
 
         batched = timings(batched_run, [batch_tasks([tasks[k][i] for k in range(n)]) for i in range(rounds)])
-        row = f"{n} runs batched: {batched[0]:.4f} s eager, {n * alone[0] / batched[0]:.2f}x the run-iterations a second"
+        row = f"{n} runs batched: {batched[0]:.4f} s eager, {n * alone[0] / batched[0]:.2f}x the run-iterations/s"
         if cuda:
             row += f"; {batched[1]:.4f} s as a graph, {n * alone[1] / batched[1]:.2f}x"
-        print(row + f"; largest relative difference of a run's meta-gradient from its own step: {worst:.1e}", flush=True)
+        print(f"{row}; largest relative difference of a run's meta-gradient from its own step: {worst:.1e}", flush=True)
 
 
 if __name__ == "__main__":
