@@ -8,9 +8,9 @@ replayed alone (streams that raced on a shared workspace would part them by far 
 One replay fills a fraction of the GPU, so concurrent streams could multiply a study's throughput; a first try (two
 graphs on two streams, PyTorch 2.11, H200) hung in torch.cuda.synchronize() after its first concurrent replay. A
 watchdog therefore prints every thread's stack and ends the process when a phase runs past --watchdog seconds.
-Every graph is captured on torch.cuda.graph's one shared capture stream, and PyTorch keys cuBLAS's workspace by handle
-and stream, so all graphs may write one workspace: run it again with CUBLAS_WORKSPACE_CONFIG=:0:0 (no workspace) to
-test that suspect.
+The issue suspects workspaces baked into both graphs: every graph is captured on torch.cuda.graph's one default capture
+stream, and PyTorch keeps a cuBLAS workspace per handle and stream, so run it again with CUBLAS_WORKSPACE_CONFIG=:0:0
+(no cuBLAS workspace) to test that.
 """
 from __future__ import annotations
 
