@@ -182,7 +182,7 @@ def main() -> None:
     alone = timings(one_run, tasks[0])
     print(f"1 run: {alone[0]:.4f} s eager" + (f", {alone[1]:.4f} s as a graph" if cuda else ""), flush=True)
     for n in args.runs:
-        worst = max(worst_difference(got, gradients(nets[k], tasks[k][0], None))[0]
+        worst = max(worst_difference(got, gradients(nets[k], tasks[k][0]))[0]
                     for k, got in enumerate(batched_gradients(nets[:n], [tasks[k][0] for k in range(n)])))
 
         def batched_run():

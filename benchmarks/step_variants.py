@@ -9,6 +9,7 @@ tiny kernels; one that wins there, by a margin beyond the noise of this script, 
     fused-norm     the instance norm's backward as one native kernel, and its double backward (what the outer
                    step differentiates through the inner loop) written out in a dozen operations
     no-conv-bias   the convs without their bias, which the instance norm after each one cancels exactly
+    foreach-sgd    higher's inner SGD update as one foreach add per step, not a multiply and an add per parameter
     adam-outside   (CUDA) the graph holds the meta-gradient only, Adam steps eagerly after it: what graphs under
                    torchrun need, since the all-reduce of the gradients comes between the two
 """
@@ -22,6 +23,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+import higher
 import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -104,19 +106,42 @@ def both(block: model.ConvBlock, x: torch.Tensor) -> torch.Tensor:
     return _finish(block, instance_norm(conv, block.norm.weight, block.norm.bias, block.norm.eps))
 
 
-BLOCK_VARIANTS: dict[str, Callable | None] = {
-    "today": None, "fused-norm": fused_norm, "no-conv-bias": no_conv_bias, "fused-norm + no-conv-bias": both}
+def foreach_sgd_update(self, grouped_grads, **kwargs) -> None:
+    """higher's DifferentiableSGD update, p - lr g for every parameter, as one foreach add per group (no momentum and
+    no weight decay, as the inner loop has none)."""
+    for group, grads in zip(self.param_groups, grouped_grads):
+        live = [i for i, g in enumerate(grads) if g is not None]
+        moved = torch._foreach_add([group["params"][i] for i in live], [grads[i] for i in live], alpha=-group["lr"])
+        for i, p in zip(live, moved):
+            group["params"][i] = p
 
 
 @contextlib.contextmanager
-def block_forward(forward: Callable | None):
-    """ConvBlock.forward replaced (None: as it is); higher's patched copies look it up on the class, so they follow."""
-    original = model.ConvBlock.forward
-    model.ConvBlock.forward = forward or original
+def patched(owner: type, name: str, value: Callable):
+    """owner.name replaced by value; higher's patched module copies and its optimizers look methods up on the class."""
+    original = getattr(owner, name)
+    setattr(owner, name, value)
     try:
         yield
     finally:
-        model.ConvBlock.forward = original
+        setattr(owner, name, original)
+
+
+def _all_of(*variants: str):
+    stack = contextlib.ExitStack()
+    for v in variants:
+        stack.enter_context(VARIANTS[v]())
+    return stack
+
+
+VARIANTS: dict[str, Callable[[], contextlib.AbstractContextManager]] = {
+    "today": contextlib.nullcontext,
+    "fused-norm": lambda: patched(model.ConvBlock, "forward", fused_norm),
+    "no-conv-bias": lambda: patched(model.ConvBlock, "forward", no_conv_bias),
+    "fused-norm + no-conv-bias": lambda: patched(model.ConvBlock, "forward", both),
+    "foreach-sgd": lambda: patched(higher.optim.DifferentiableSGD, "_update", foreach_sgd_update),
+    "fused-norm + no-conv-bias + foreach-sgd": lambda: _all_of("fused-norm + no-conv-bias", "foreach-sgd"),
+}
 
 
 class Hold(torch.optim.Optimizer):
@@ -133,9 +158,9 @@ class Hold(torch.optim.Optimizer):
         pass
 
 
-def gradients(net: model.ANML, task, forward: Callable | None) -> dict[str, torch.Tensor]:
+def gradients(net: model.ANML, task, variant: str = "today") -> dict[str, torch.Tensor]:
     net = copy.deepcopy(net)
-    with block_forward(forward):
+    with VARIANTS[variant]():
         anml.meta_step(net, Hold(net.parameters()), *task)
     return {name: p.grad for name, p in net.named_parameters() if p.grad is not None}
 
@@ -206,19 +231,19 @@ def main() -> None:
     tasks = [(*data.batch(t), *data.batch(r)) for t, r in
              (sample_meta_train(data) for _ in range(args.iterations + cuda_graph.WARMUP + 2))]
     net = model.ANML().to(device)
-    reference = gradients(net, tasks[0], None)
+    reference = gradients(net, tasks[0])
     name = torch.cuda.get_device_name(device) if cuda else "cpu"
     print(f"device {device} ({name}), {torch.get_num_threads()} threads, median of the iterations after warm-up")
-    print(f"{'variant':<28}{'worst gradient':>16}{'eager s':>10}" + (f"{'graph s':>10}{'kernels':>9}{'kernel ms':>11}"
+    print(f"{'variant':<42}{'worst gradient':>16}{'eager s':>10}" + (f"{'graph s':>10}{'kernels':>9}{'kernel ms':>11}"
                                                                       if cuda else f"{'aten ops':>10}"))
     base = {}
-    for label, forward in BLOCK_VARIANTS.items():
-        worst, _ = worst_difference(gradients(net, tasks[0], forward), reference)
-        with block_forward(forward):
+    for label, variant in VARIANTS.items():
+        worst, _ = worst_difference(gradients(net, tasks[0], label), reference)
+        with variant():
             eager_net = copy.deepcopy(net)
             eager = functools.partial(anml.meta_step, eager_net, torch.optim.Adam(eager_net.parameters(), lr=0.001))
             t_eager = seconds_per_step(eager, tasks, device)
-            row = f"{label:<28}{worst:>16.1e}{t_eager:>10.4f}"
+            row = f"{label:<42}{worst:>16.1e}{t_eager:>10.4f}"
             if cuda:
                 graph_net = copy.deepcopy(net)
                 opt = torch.optim.Adam(graph_net.parameters(), lr=0.001)
@@ -238,7 +263,7 @@ def main() -> None:
         outside = graph_outside_adam(outside_net, torch.optim.Adam(outside_net.parameters(), lr=0.001))
         t_graph = seconds_per_step(outside, tasks, device, warmup=cuda_graph.WARMUP + 1)
         kernels, kernel_ms = kernels_per_step(outside, tasks[0])
-        print(f"{'adam-outside':<28}{'':>16}{'':>10}{t_graph:>10.4f}{kernels:>9}{kernel_ms:>11.1f}   "
+        print(f"{'adam-outside':<42}{'':>16}{'':>10}{t_graph:>10.4f}{kernels:>9}{kernel_ms:>11.1f}   "
               f"{base['graph'] / t_graph:.2f}x today's graph")
 
 

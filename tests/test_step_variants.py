@@ -30,15 +30,15 @@ def test_fused_instance_norm_is_group_norm_to_the_second_derivative():
     torch.testing.assert_close(fused, second_derivatives(lambda x, w, b: F.group_norm(x, 3, w, b)))
 
 
-@pytest.mark.parametrize("variant", [v for v in step_variants.BLOCK_VARIANTS if v != "today"])
+@pytest.mark.parametrize("variant", [v for v in step_variants.VARIANTS if v != "today"])
 def test_variant_gives_todays_meta_gradient(background, variant):
     """In float64, so that the comparison sees the computation rather than float32 rounding."""
     torch.manual_seed(0)
     traj, remember = sample_meta_train(background)
     task = [t.double() if t.is_floating_point() else t for t in (*background.batch(traj), *background.batch(remember))]
     net = ANML(32, 16, 288).double()
-    today = step_variants.gradients(net, task, None)
-    grads = step_variants.gradients(net, task, step_variants.BLOCK_VARIANTS[variant])
+    today = step_variants.gradients(net, task)
+    grads = step_variants.gradients(net, task, variant)
     worst, name = step_variants.worst_difference(grads, today)
     assert worst < 1e-9, name
     biases = {n for n in today if n.endswith("conv.bias")}
@@ -55,5 +55,5 @@ def test_batched_runs_step_each_run_as_its_own_meta_step(background):
                       for t in (*background.batch(traj), *background.batch(remember))])
         nets.append(ANML(32, 16, 288).double())
     for net, task, grads in zip(nets, tasks, batched_runs.batched_gradients(nets, tasks)):
-        worst, name = step_variants.worst_difference(grads, step_variants.gradients(net, task, None))
+        worst, name = step_variants.worst_difference(grads, step_variants.gradients(net, task))
         assert worst < 1e-9, name
