@@ -156,10 +156,7 @@ def evaluate(args: argparse.Namespace, stopped: Sequence[dict] = ()) -> Iterator
     """Every run of the sweep, class count after class count, rate after rate; after each rate's selection or reported
     runs, yields the results so far: the runs and, per class count finished, the chosen rate and its figures. The
     runs of a stopped evaluation of the same settings (`stopped`) are kept, not run again."""
-    device = runtime.resolve_device(args.device)
-    if device.type == "cuda":
-        runtime.float32_only()  # features as the CPU computes them, not through TF32 convolutions
-    runtime.keep_freed_memory()
+    device = runtime.set_up(args.device)  # on CUDA, features as the CPU computes them: no TF32 convolutions
     model = load_anml(args.model, device).eval()
     data = load_split(find_root(args.data_root, download=not args.no_download), "images_evaluation")
     if not args.lr and rates_path(args.model).is_file():

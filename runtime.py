@@ -35,3 +35,13 @@ def float32_only() -> None:
     a CPU and the pre-Ampere GPUs of the published runs."""
     torch.backends.cudnn.allow_tf32 = False
     torch.backends.cuda.matmul.allow_tf32 = False
+
+
+def set_up(name: str | None) -> torch.device:
+    """The device to compute on (resolve_device), set up as meta-training and meta-testing use it: freed memory kept
+    for reuse, and on CUDA float32 convolutions and matmuls."""
+    device = resolve_device(name)
+    keep_freed_memory()
+    if device.type == "cuda":
+        float32_only()
+    return device

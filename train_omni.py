@@ -154,9 +154,7 @@ def main(argv: list[str] | None = None) -> None:
         if args.out_dir is None:
             args.out_dir = args.resume.parent if args.resume else Path("runs")
         check_args(args)  # before torchrun's rendezvous, so that no worker can have begun a log yet
-        device = runtime.resolve_device(args.device)
-        if device.type == "cuda":
-            runtime.float32_only()
+        device = runtime.set_up(args.device)
         if dist.is_torchelastic_launched():
             device = workers.join(device)
         data = load_split(find_root(args.data_root, download=not args.no_download), "images_background").to(device)
@@ -167,7 +165,6 @@ def main(argv: list[str] | None = None) -> None:
         else:
             state = RunState.fresh(run_config(args, None), device)
         start = state.iteration
-        runtime.keep_freed_memory()
         if workers.world_size() > 1:
             logging.info("meta-batch of %d tasks, one per worker", workers.world_size())
         # Under torchrun each iteration also exchanges fc rows and gradients between workers: eager (not captured).

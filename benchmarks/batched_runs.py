@@ -146,11 +146,8 @@ def main() -> None:
     args = p.parse_args()
     if args.iterations < 1 or min(args.runs) < 1:
         p.error("--iterations and --runs must be positive")
-    device = runtime.resolve_device(args.device)
+    device = runtime.set_up(args.device)
     cuda = device.type == "cuda"
-    runtime.keep_freed_memory()
-    if cuda:
-        runtime.float32_only()
     data = load_split(find_root(), "images_background").to(device)
     rounds = args.iterations + cuda_graph.WARMUP + 2
     tasks = []  # tasks[k][i]: run k's task of iteration i

@@ -74,8 +74,7 @@ def main() -> None:
         p.error("--iterations, --runs and --watchdog must be positive")
     if not torch.cuda.is_available():
         p.error("PyTorch sees no CUDA device here: this benchmark is for a GPU")
-    device = torch.device("cuda")
-    runtime.float32_only()
+    device = runtime.set_up("cuda")
     data = load_split(find_root(), "images_background").to(device)
     rounds = cuda_graph.WARMUP + 1 + args.iterations
     tasks = []

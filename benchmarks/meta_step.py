@@ -47,10 +47,7 @@ def main() -> None:
     args = p.parse_args()
     if args.iterations < 1:
         p.error("--iterations must be at least 1")
-    device = runtime.resolve_device(args.device)
-    runtime.keep_freed_memory()
-    if device.type == "cuda":
-        runtime.float32_only()
+    device = runtime.set_up(args.device)
     data = load_split(find_root(), "images_background").to(device)
     torch.manual_seed(0)
     tasks = []

@@ -33,8 +33,7 @@ def main() -> None:
     args = p.parse_args()
     if min(args.runs, args.plain_runs) < 1:
         p.error("--runs and --plain-runs must be at least 1")
-    device = runtime.resolve_device(args.device)
-    runtime.keep_freed_memory()
+    device = runtime.set_up(args.device)
     data = load_split(find_root(), "images_evaluation").to(device)
     torch.manual_seed(0)
     model = ANML().to(device).eval()

@@ -221,11 +221,8 @@ def main() -> None:
     args = p.parse_args()
     if args.iterations < 1:
         p.error("--iterations must be at least 1")
-    device = runtime.resolve_device(args.device)
+    device = runtime.set_up(args.device)
     cuda = device.type == "cuda"
-    runtime.keep_freed_memory()
-    if cuda:
-        runtime.float32_only()
     data = load_split(find_root(), "images_background").to(device)
     torch.manual_seed(0)
     tasks = [(*data.batch(t), *data.batch(r)) for t, r in
