@@ -71,15 +71,15 @@ def lobotomize(model: ANML, cls: int) -> None:
         nn.init.kaiming_normal_(model.fc.weight[cls].unsqueeze(0))
 
 
-def meta_step(model: ANML, outer_opt: torch.optim.Optimizer,
-              traj_ims: torch.Tensor, traj_labels: torch.Tensor,
-              remember_ims: torch.Tensor, remember_labels: torch.Tensor,
-              inner_lr: float = 0.1) -> tuple[torch.Tensor, torch.Tensor]:
-    """One meta-training step (after the lobotomy); returns the outer loss and accuracy as device tensors.
+def meta_gradient(model: ANML, traj_ims: torch.Tensor, traj_labels: torch.Tensor,
+                  remember_ims: torch.Tensor, remember_labels: torch.Tensor,
+                  inner_lr: float = 0.1) -> tuple[torch.Tensor, torch.Tensor]:
+    """The meta-gradient of one task (after the lobotomy), added into the .grad of every parameter; returns the outer
+    loss and accuracy as device tensors.
 
-    Inner loop (train-train): one SGD step on RLN + fc per trajectory drawing, kept differentiable. Outer step
+    Inner loop (train-train): one SGD step on RLN + fc per trajectory drawing, kept differentiable. Outer loss
     (train-test): the adapted network's loss on trajectory + remember set, back-propagated through the inner
-    loop into NM, RLN and fc, then one step of `outer_opt`.
+    loop into NM, RLN and fc.
     """
     ims = torch.cat([traj_ims, remember_ims])
     labels = torch.cat([traj_labels, remember_labels])
@@ -96,9 +96,19 @@ def meta_step(model: ANML, outer_opt: torch.optim.Optimizer,
         logits = fplastic(ims, gates)
         loss = F.cross_entropy(logits, labels)
         loss.backward()
+    return loss.detach(), (logits.argmax(1) == labels).float().mean()
+
+
+def meta_step(model: ANML, outer_opt: torch.optim.Optimizer,
+              traj_ims: torch.Tensor, traj_labels: torch.Tensor,
+              remember_ims: torch.Tensor, remember_labels: torch.Tensor,
+              inner_lr: float = 0.1) -> tuple[torch.Tensor, torch.Tensor]:
+    """One meta-training step (after the lobotomy): the task's meta_gradient, then one step of `outer_opt`; returns
+    the outer loss and accuracy as device tensors."""
+    loss_acc = meta_gradient(model, traj_ims, traj_labels, remember_ims, remember_labels, inner_lr)
     outer_opt.step()
     outer_opt.zero_grad()
-    return loss.detach(), (logits.argmax(1) == labels).float().mean()
+    return loss_acc
 
 
 def plain_meta_step(model: ANML, outer_opt: torch.optim.Optimizer,
@@ -137,6 +147,16 @@ def meta_iteration(model: ANML, data: Omniglot,
 def eager_step(model: ANML, outer_opt: torch.optim.Optimizer, inner_lr: float) -> Callable:
     """meta_step of this model, optimizer and inner rate, as a function of the task's four tensors."""
     return functools.partial(meta_step, model, outer_opt, inner_lr=inner_lr)
+
+
+def graphed_step(model: ANML, outer_opt: torch.optim.Optimizer, inner_lr: float) -> Callable:
+    """eager_step replayed as a CUDA graph (CUDA only; see cuda_graph.CudaGraphed). In one process the graph holds the
+    whole step, Adam included; under torchrun it holds the meta-gradient, and the all-reduce and Adam follow it
+    eagerly (cuda_graph.graphed_gradient)."""
+    cuda_graph.make_capturable(outer_opt)
+    if workers.world_size() == 1:
+        return cuda_graph.CudaGraphed(eager_step(model, outer_opt, inner_lr))
+    return cuda_graph.graphed_gradient(functools.partial(meta_gradient, model, inner_lr=inner_lr), outer_opt)
 
 
 def get_lr(it: int, config: RunConfig) -> float:
@@ -239,7 +259,8 @@ def train(state: RunState, data: Omniglot, out_dir: Path, graphed: bool = False)
     """Meta-train from state.iteration to config.epochs; returns the last checkpoint.
 
     graphed (CUDA only): each iteration's meta_step, after the lobotomy, is a replay of one CUDA graph (the first
-    few run eagerly, then it is captured); the same computation, without the launch of each of its kernels.
+    few run eagerly, then it is captured; under torchrun Adam steps after the replay, see graphed_step): the same
+    computation, without the launch of each of its kernels.
 
     The config goes to out_dir/config.json at the start (a resume rewrites it, as it may change the bookkeeping).
     Every log_every iterations, and at the end, the mean outer loss and accuracy since the last row go to the log.
@@ -256,10 +277,7 @@ def train(state: RunState, data: Omniglot, out_dir: Path, graphed: bool = False)
             checkpoints.remove_temporaries(out_dir)
             with checkpoints.atomic_path(out_dir / "config.json") as tmp:  # the recipe, readable beside the run
                 tmp.write_text(json.dumps(dataclasses.asdict(config), indent=1) + "\n")
-        step = eager_step(state.model, state.optimizer, config.inner_lr)
-        if graphed:
-            cuda_graph.make_capturable(state.optimizer)
-            step = cuda_graph.CudaGraphed(step)
+        step = (graphed_step if graphed else eager_step)(state.model, state.optimizer, config.inner_lr)
         interrupted = []
         for stop_signal in (signal.SIGINT, signal.SIGTERM):
             previous_handler = signal.signal(stop_signal, lambda *_: interrupted.append(True))

@@ -49,6 +49,29 @@ class CudaGraphed:
         return tuple(t.clone() for t in self.outputs)
 
 
+def graphed_gradient(gradient: Callable[..., tuple[torch.Tensor, ...]],
+                     optimizer: torch.optim.Optimizer) -> Callable[..., tuple[torch.Tensor, ...]]:
+    """`gradient(*tensors)`, which adds into the .grad of the optimizer's parameters, as a CudaGraphed, followed by
+    `optimizer.step()` and the gradients zeroed, eagerly: for a step whose optimizer must not be captured (under
+    torchrun its pre-hook all-reduces the gradients, a collective that only NCCL can capture, and that no one-GPU
+    machine can test).
+
+    The gradients are fixed buffers, allocated here and zeroed in place, never set to None: the replays add into
+    the tensors that the capture saw.
+    """
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            p.grad = torch.zeros_like(p)
+    graphed = CudaGraphed(gradient)
+
+    def step(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        outputs = graphed(*tensors)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=False)
+        return outputs
+    return step
+
+
 def make_capturable(optimizer: torch.optim.Optimizer) -> None:
     """Let Adam step inside a graph: `capturable` (its step counts on the device) and its rate a device tensor, which
     a schedule changes with fill_ between replays (a float would be frozen into the graph)."""

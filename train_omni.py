@@ -167,9 +167,7 @@ def main(argv: list[str] | None = None) -> None:
         start = state.iteration
         if workers.world_size() > 1:
             logging.info("meta-batch of %d tasks, one per worker", workers.world_size())
-        # Under torchrun each iteration also exchanges fc rows and gradients between workers: eager (not captured).
-        graphed = device.type == "cuda" and not args.no_cuda_graph and workers.world_size() == 1
-        last = anml.train(state, data, args.out_dir, graphed)
+        last = anml.train(state, data, args.out_dir, graphed=device.type == "cuda" and not args.no_cuda_graph)
         finished = True
     except (OSError, ValueError) as err:
         sys.exit(f"error: {err}")

@@ -29,7 +29,7 @@ import runtime  # noqa: E402
 from datasets import find_root, load_split, sample_meta_train  # noqa: E402
 from meta_step import seconds_per_step  # noqa: E402
 from model import ANML, ConvStack  # noqa: E402
-from step_variants import Hold, gradients, worst_difference  # noqa: E402
+from step_variants import gradients, worst_difference  # noqa: E402
 
 PARTS = ("conv.weight", "conv.bias", "norm.weight", "norm.bias")
 
@@ -104,6 +104,20 @@ class BatchedPlastic(nn.Module):
 def summed_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """The sum over runs of each run's mean cross-entropy: logits (B, K, classes), labels (B, K)."""
     return F.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="sum") / len(labels)
+
+
+class Hold(torch.optim.Optimizer):
+    """An outer 'optimizer' that leaves the weights and their gradients alone: batched_meta_step with it
+    computes the meta-gradient into .grad and nothing else."""
+
+    def __init__(self, params):
+        super().__init__(params, {})
+
+    def step(self):
+        pass
+
+    def zero_grad(self, set_to_none: bool = True):
+        pass
 
 
 def batched_meta_step(net: BatchedANML, outer_opt: torch.optim.Optimizer, traj_ims, traj_labels, remember_ims,

@@ -10,8 +10,8 @@ tiny kernels; one that wins there, by a margin beyond the noise of this script, 
                    step differentiates through the inner loop) written out in a dozen operations
     no-conv-bias   the convs without their bias, which the instance norm after each one cancels exactly
     foreach-sgd    higher's inner SGD update as one foreach add per step, not a multiply and an add per parameter
-    adam-outside   (CUDA) the graph holds the meta-gradient only, Adam steps eagerly after it: what graphs under
-                   torchrun need, since the all-reduce of the gradients comes between the two
+    adam-outside   (CUDA) the graph holds the meta-gradient only, Adam steps eagerly after it: what train_omni.py
+                   does under torchrun, where the all-reduce of the gradients comes between the two
 """
 from __future__ import annotations
 
@@ -144,24 +144,10 @@ VARIANTS: dict[str, Callable[[], contextlib.AbstractContextManager]] = {
 }
 
 
-class Hold(torch.optim.Optimizer):
-    """An outer 'optimizer' that leaves the weights and their gradients alone: meta_step with it computes the
-    meta-gradient into .grad and nothing else."""
-
-    def __init__(self, params):
-        super().__init__(params, {})
-
-    def step(self):
-        pass
-
-    def zero_grad(self, set_to_none: bool = True):
-        pass
-
-
 def gradients(net: model.ANML, task, variant: str = "today") -> dict[str, torch.Tensor]:
     net = copy.deepcopy(net)
     with VARIANTS[variant]():
-        anml.meta_step(net, Hold(net.parameters()), *task)
+        anml.meta_gradient(net, *task)
     return {name: p.grad for name, p in net.named_parameters() if p.grad is not None}
 
 
@@ -197,21 +183,6 @@ def kernels_per_step(step, task) -> tuple[int, float]:
         torch.cuda.synchronize()
     events = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
     return len(events), sum(e.time_range.elapsed_us() for e in events) / 1000
-
-
-def graph_outside_adam(net: model.ANML, opt: torch.optim.Adam) -> Callable:
-    """One graph of the meta-gradient (accumulated into .grad buffers that exist before the capture), then Adam and
-    the zeroing of the gradients, eagerly."""
-    for p in net.parameters():
-        p.grad = torch.zeros_like(p)
-    gradient = cuda_graph.CudaGraphed(functools.partial(anml.meta_step, net, Hold(net.parameters())))
-
-    def step(*task):
-        loss_acc = gradient(*task)
-        opt.step()
-        opt.zero_grad(set_to_none=False)
-        return loss_acc
-    return step
 
 
 def main() -> None:
@@ -257,7 +228,9 @@ def main() -> None:
         print(row, flush=True)
     if cuda:
         outside_net = copy.deepcopy(net)
-        outside = graph_outside_adam(outside_net, torch.optim.Adam(outside_net.parameters(), lr=0.001))
+        outside_opt = torch.optim.Adam(outside_net.parameters(), lr=0.001)
+        cuda_graph.make_capturable(outside_opt)  # as anml.graphed_step has it
+        outside = cuda_graph.graphed_gradient(functools.partial(anml.meta_gradient, outside_net), outside_opt)
         t_graph = seconds_per_step(outside, tasks, device, warmup=cuda_graph.WARMUP + 1)
         kernels, kernel_ms = kernels_per_step(outside, tasks[0])
         print(f"{'adam-outside':<42}{'':>16}{'':>10}{t_graph:>10.4f}{kernels:>9}{kernel_ms:>11.1f}   "

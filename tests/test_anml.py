@@ -1,4 +1,5 @@
 import copy
+import functools
 import os
 import shutil
 import signal
@@ -95,6 +96,23 @@ def test_meta_iteration_draws_a_task_and_lobotomizes_its_class(background):
     assert changed.nonzero().flatten().tolist() == [int(background.labels[traj[0]])]
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items() if k != "fc.weight")
     assert loss.shape == acc.shape == () and loss > 0 and 0 <= acc <= 1
+
+
+def test_gradient_graph_then_eager_adam_is_meta_step(background, monkeypatch):
+    """cuda_graph.graphed_gradient's eager half, with the graph's replay as the plain call it records (the replay
+    itself is tests/test_cuda_graph.py's): Adam on the gradients that each call adds into the zeroed buffers."""
+    monkeypatch.setattr(anml.cuda_graph, "CudaGraphed", lambda step: step)
+    torch.manual_seed(5)
+    tasks = [(*background.batch(t), *background.batch(r)) for t, r in (sample_meta_train(background) for _ in range(3))]
+    eager, split = ANML(16, 8, 144), ANML(16, 8, 144)
+    split.load_state_dict(eager.state_dict())
+    eager_step = anml.eager_step(eager, torch.optim.Adam(eager.parameters(), lr=0.01), 0.1)
+    split_step = anml.cuda_graph.graphed_gradient(functools.partial(anml.meta_gradient, split, inner_lr=0.1),
+                                                  torch.optim.Adam(split.parameters(), lr=0.01))
+    for task in tasks:
+        assert torch.equal(torch.stack(eager_step(*task)), torch.stack(split_step(*task)))
+    for a, b in zip(eager.state_dict().values(), split.state_dict().values()):
+        assert torch.equal(a, b)
 
 
 def test_outer_lr_schedules():

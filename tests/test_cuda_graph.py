@@ -4,12 +4,14 @@ import shutil
 
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 
 import anml
 import cuda_graph
 import runtime
 from anml import RunConfig, RunState
-from datasets import sample_meta_train
+from datasets import load_split, sample_meta_train
 from model import ANML
 from tests.conftest import REPO
 
@@ -79,22 +81,51 @@ def linear_adam(state: RunState) -> RunState:
     return state
 
 
-def test_graphed_training_follows_the_eager_run(on_gpu, tmp_path):
-    config = RunConfig(rln=32, nm=16, epochs=8, outer_lr=0.03, save_every=100, log_every=4)
-    start = RunState.fresh(config, CUDA).model.state_dict()
-    eager = linear_adam(RunState.fresh(config, CUDA))
-    anml.train(eager, on_gpu, tmp_path / "eager")
-    graphed = linear_adam(RunState.fresh(config, CUDA))  # seeded afresh: the same weights and tasks
-    anml.train(graphed, on_gpu, tmp_path / "graphed", graphed=True)  # 3 iterations eager, then 5 replays
-    graphed_weights = graphed.model.state_dict()
-    for name, weight in eager.model.state_dict().items():
+SHORT = RunConfig(rln=32, nm=16, epochs=8, outer_lr=0.03, save_every=100, log_every=4)
+
+
+def assert_moved_alike(start: dict, eager: dict, graphed: dict) -> None:
+    """Each weight moved from `start` as far and in the same direction under the graph as eagerly, within 1%."""
+    for name, weight in eager.items():
         if name.endswith("conv.bias"):  # its true gradient is zero: what moves it is rounding noise
             continue
         moved = weight - start[name]
-        assert ((graphed_weights[name] - start[name] - moved).norm() / moved.norm()).item() < 1e-2, name
+        assert ((graphed[name] - start[name] - moved).norm() / moved.norm()).item() < 1e-2, name
+
+
+def test_graphed_training_follows_the_eager_run(on_gpu, tmp_path):
+    start = RunState.fresh(SHORT, CUDA).model.state_dict()
+    eager = linear_adam(RunState.fresh(SHORT, CUDA))
+    anml.train(eager, on_gpu, tmp_path / "eager")
+    graphed = linear_adam(RunState.fresh(SHORT, CUDA))  # seeded afresh: the same weights and tasks
+    anml.train(graphed, on_gpu, tmp_path / "graphed", graphed=True)  # 3 iterations eager, then 5 replays
+    assert_moved_alike(start, eager.model.state_dict(), graphed.model.state_dict())
     eager_log, graphed_log = ((tmp_path / d / "training_log.csv").read_text().splitlines()
                               for d in ("eager", "graphed"))
     assert len(eager_log) == len(graphed_log) == 3
+
+
+def torchrun_worker(rank: int, tmp_path, root: str, graphed: bool) -> None:
+    """One of two workers training SHORT on the one GPU; gloo, as NCCL refuses two workers on one device."""
+    torch.set_num_threads(1)
+    runtime.float32_only()
+    name = "graphed" if graphed else "eager"
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/{name}.store", rank=rank, world_size=2)
+    state = linear_adam(RunState.fresh(SHORT, CUDA))
+    anml.train(state, load_split(root, "images_background").to(CUDA), tmp_path / name, graphed=graphed)
+    torch.save(state.model.state_dict(), tmp_path / f"{name}{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_graphed_torchrun_follows_the_eager_one(omniglot_root, tmp_path):
+    """Under torchrun the graph holds the meta-gradient, and the all-reduce and Adam follow each replay eagerly."""
+    start = RunState.fresh(SHORT, CUDA).model.state_dict()
+    for graphed in (False, True):
+        mp.spawn(torchrun_worker, args=(tmp_path, omniglot_root, graphed), nprocs=2)
+    eager, graphed, graphed1 = (torch.load(tmp_path / f"{n}.pt", weights_only=True)
+                                for n in ("eager0", "graphed0", "graphed1"))
+    assert all(torch.equal(graphed[k], graphed1[k]) for k in graphed)  # one averaged step on every worker
+    assert_moved_alike(start, eager, graphed)
 
 
 def test_resumed_graphed_run_continues_as_the_uninterrupted_one(on_gpu, tmp_path):

@@ -53,7 +53,7 @@ prepare)
 checks)
     setup
     # Each step under its own time limit, so that one that hangs leaves the lease to the others.
-    timeout 180 python3 -m pytest -q tests/test_cuda_graph.py 2>&1 | tail -30 | tee "$OUT/cuda_tests.txt" || true
+    timeout 240 python3 -m pytest -q tests/test_cuda_graph.py 2>&1 | tail -30 | tee "$OUT/cuda_tests.txt" || true
     timeout 150 python3 benchmarks/meta_step.py -d cuda --iterations 20 2>&1 | tail -8 | tee "$OUT/benchmark.txt" || true
     rm -rf /tmp/t100 /tmp/t2000
     short=$(timed_run 100 /tmp/t100)
