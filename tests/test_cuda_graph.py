@@ -105,7 +105,7 @@ def test_graphed_training_follows_the_eager_run(on_gpu, tmp_path):
     assert len(eager_log) == len(graphed_log) == 3
 
 
-def torchrun_worker(rank: int, tmp_path, root: str, graphed: bool) -> None:
+def torchrun_worker(rank: int, tmp_path, root, graphed: bool) -> None:
     """One of two workers training SHORT on the one GPU; gloo, as NCCL refuses two workers on one device."""
     torch.set_num_threads(1)
     runtime.float32_only()
