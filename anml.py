@@ -1,7 +1,8 @@
 """ANML meta-training: a differentiable inner loop with `higher` on RLN + fc, an Adam outer step on everything.
 
-Read top to bottom: the run's config, the lobotomy, one meta-training step and the plain loop it equals, one
-iteration (sampling included), the outer rate, the run's state (fresh, resumed, saved) and the training loop.
+Read top to bottom: the run's config, the lobotomy, one meta-training step (a task's meta-gradient, then Adam) and
+the plain loop it equals, one iteration (sampling included), the step eager or graphed, the outer rate, the run's
+state (fresh, resumed, saved) and the training loop.
 """
 from __future__ import annotations
 
