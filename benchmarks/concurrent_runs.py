@@ -1,16 +1,17 @@
 """Several independent meta-training runs on one GPU at once: K models, each with its own capturable Adam and its own
 CUDA graph of meta_step, replayed one after another on one stream, or each on a stream of its own. Prints
 run-iterations per second against one run alone, and how far each run's losses stray from those of the same run
-replayed alone (streams that raced on a shared workspace would part them by far more than rounding).
+replayed alone.
 
     OMNIGLOT_ROOT=../shared/omniglot python benchmarks/concurrent_runs.py [--runs 1 2 4] [--iterations 20]
 
-One replay fills a fraction of the GPU, so concurrent streams could multiply a study's throughput; a first try (two
-graphs on two streams, PyTorch 2.11, H200) hung in torch.cuda.synchronize() after its first concurrent replay. A
-watchdog therefore prints every thread's stack and ends the process when a phase runs past --watchdog seconds.
-The issue suspects workspaces baked into both graphs: every graph is captured on torch.cuda.graph's one default capture
-stream, and PyTorch keeps a cuBLAS workspace per handle and stream, so run it again with CUBLAS_WORKSPACE_CONFIG=:0:0
-(no cuBLAS workspace) to test that.
+One replay fills a fraction of the GPU, so concurrent streams could multiply a study's throughput. With PyTorch's
+default cuBLAS workspace, two graphs on two streams hang in torch.cuda.synchronize() after their first concurrent
+replay (PyTorch 2.11, H200, twice); with CUBLAS_WORKSPACE_CONFIG=:0:0 (no cuBLAS workspace) they do not: every graph
+is captured on torch.cuda.graph's one default capture stream, while PyTorch keeps a cuBLAS workspace per handle and
+stream. A watchdog prints every thread's stack and ends the process when a phase runs past --watchdog seconds.
+On a GPU the losses do not show exactness: two replays of one run are not bitwise equal there, and 20 Adam steps
+amplify that (one run replayed on its own stream strays 1e-1 from itself replayed alone); README has the figures.
 """
 from __future__ import annotations
 

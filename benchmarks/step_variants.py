@@ -5,9 +5,9 @@ step launches (aten operators on a CPU; kernels and their summed time on CUDA, o
     OMNIGLOT_ROOT=../shared/omniglot python benchmarks/step_variants.py [-d cuda] [--iterations 10]
 
 The candidates are the issue's ways to fewer, fatter kernels on a GPU, where a replay is bound by its thousands of
-tiny kernels; one that wins there, by a margin beyond the noise of this script, moves into model.py or anml.py:
-    fused-norm     the instance norm's backward as one native kernel, and its double backward (what the outer
-                   step differentiates through the inner loop) written out in a dozen operations
+tiny kernels; one that wins there, by a margin beyond the noise of this script, moves into model.py or anml.py (as
+model.instance_norm did, whose double backward is written out):
+    group-norm     what it replaced: nn.GroupNorm, whose double backward autograd composes from several dozen kernels
     no-conv-bias   the convs without their bias, which the instance norm after each one cancels exactly
     foreach-sgd    higher's inner SGD update as one foreach add per step, not a multiply and an add per parameter
     adam-outside   (CUDA) the graph holds the meta-gradient only, Adam steps eagerly after it: what train_omni.py
@@ -36,74 +36,18 @@ import runtime  # noqa: E402
 from datasets import find_root, load_split, sample_meta_train  # noqa: E402
 from meta_step import seconds_per_step  # noqa: E402
 
-aten = torch.ops.aten
-
-
-class _NormBackward(torch.autograd.Function):
-    """Instance norm's backward, (g, x, w) -> (dx, dw, db), with its own backward written out.
-
-    Per image and channel, with x̂ = (x - mean) r, r = 1 / sqrt(var + eps), P = mean(g x̂):
-    dx = w r (g - mean(g) - x̂ P), dw = sum(g x̂), db = sum(g).
-    """
-
-    @staticmethod
-    def forward(ctx, g, x, w, mean, rstd):
-        n, c = x.shape[:2]
-        ctx.save_for_backward(g, x, w, mean, rstd)
-        return aten.native_group_norm_backward(g, x, mean, rstd, w, n, c, x[0, 0].numel(), c, [True] * 3)
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, a, alpha, beta):
-        g, x, w, mean, rstd = ctx.saved_tensors
-        n, c = x.shape[:2]
-        m, hw = x[0, 0].numel(), (2, 3)
-        r, w, alpha, beta = rstd.view(n, c, 1, 1), w.view(1, c, 1, 1), alpha.view(1, c, 1, 1), beta.view(1, c, 1, 1)
-        a = torch.zeros_like(x) if a is None else a
-        xh = (x - mean.view(n, c, 1, 1)) * r
-        g_c, a_c = g - g.mean(hw, keepdim=True), a - a.mean(hw, keepdim=True)
-        p = (g * xh).mean(hw, keepdim=True)
-        q = (a * xh).sum(hw, keepdim=True)
-        s = (a * g_c).sum(hw, keepdim=True)
-        d_g = w * r * (a_c - xh * q / m) + alpha * xh + beta
-        d_x = -w * r * r * (q / m * g_c + p * a_c + xh * (s - 3 * p * q) / m) + alpha * r * (g_c - xh * p)
-        d_w = (r * a * (g_c - xh * p)).sum((0, 2, 3))
-        return d_g, d_x, d_w, None, None
-
-
-class _InstanceNorm(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, w, b, eps):
-        n, c = x.shape[:2]
-        out, mean, rstd = aten.native_group_norm(x, w, b, n, c, x[0, 0].numel(), c, eps)
-        ctx.save_for_backward(x, w, mean, rstd)
-        return out
-
-    @staticmethod
-    def backward(ctx, g):
-        return *_NormBackward.apply(g, *ctx.saved_tensors), None
-
-
-def instance_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
-    """F.group_norm(x, channels, weight, bias, eps), differentiable twice through the fused backward."""
-    return _InstanceNorm.apply(x, weight, bias, eps)
-
 
 def _finish(block: model.ConvBlock, x: torch.Tensor) -> torch.Tensor:
     return F.relu(model.max_pool(x) if block.pool else x)
 
 
-def fused_norm(block: model.ConvBlock, x: torch.Tensor) -> torch.Tensor:
-    return _finish(block, instance_norm(block.conv(x), block.norm.weight, block.norm.bias, block.norm.eps))
+def group_norm(block: model.ConvBlock, x: torch.Tensor) -> torch.Tensor:
+    return _finish(block, block.norm(block.conv(x)))
 
 
 def no_conv_bias(block: model.ConvBlock, x: torch.Tensor) -> torch.Tensor:
-    return _finish(block, block.norm(F.conv2d(x, block.conv.weight)))
-
-
-def both(block: model.ConvBlock, x: torch.Tensor) -> torch.Tensor:
-    conv = F.conv2d(x, block.conv.weight)
-    return _finish(block, instance_norm(conv, block.norm.weight, block.norm.bias, block.norm.eps))
+    return _finish(block, model.instance_norm(F.conv2d(x, block.conv.weight), block.norm.weight, block.norm.bias,
+                                              block.norm.eps))
 
 
 def foreach_sgd_update(self, grouped_grads, **kwargs) -> None:
@@ -136,11 +80,10 @@ def _all_of(*variants: str):
 
 VARIANTS: dict[str, Callable[[], contextlib.AbstractContextManager]] = {
     "today": contextlib.nullcontext,
-    "fused-norm": lambda: patched(model.ConvBlock, "forward", fused_norm),
+    "group-norm": lambda: patched(model.ConvBlock, "forward", group_norm),
     "no-conv-bias": lambda: patched(model.ConvBlock, "forward", no_conv_bias),
-    "fused-norm + no-conv-bias": lambda: patched(model.ConvBlock, "forward", both),
     "foreach-sgd": lambda: patched(higher.optim.DifferentiableSGD, "_update", foreach_sgd_update),
-    "fused-norm + no-conv-bias + foreach-sgd": lambda: _all_of("fused-norm + no-conv-bias", "foreach-sgd"),
+    "no-conv-bias + foreach-sgd": lambda: _all_of("no-conv-bias", "foreach-sgd"),
 }
 
 

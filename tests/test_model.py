@@ -1,8 +1,9 @@
 import pytest
 import torch
+import torch.nn.functional as F
 
 from checkpoints import checkpoint_name, load_anml, parse_checkpoint_name
-from model import ANML, ConvBlock, max_pool
+from model import ANML, ConvBlock, instance_norm, max_pool
 
 SPEC_SHAPES = {
     **{f"{net}.convBlock{i}.{part}": None for net in ("rln", "nm") for i in (1, 2, 3)
@@ -47,11 +48,28 @@ def test_norm_is_the_specs_instance_norm():
     spec = torch.nn.InstanceNorm2d(5, affine=True)
     spec.load_state_dict(block.norm.state_dict())
     x = torch.randn(4, 5, 9, 9, requires_grad=True)
-    ours, theirs = block.norm(x), spec(x)
+    ours, theirs = instance_norm(x, block.norm.weight, block.norm.bias, block.norm.eps), spec(x)
     torch.testing.assert_close(ours, theirs)
     grad = torch.randn_like(ours)
     torch.testing.assert_close(torch.autograd.grad(ours, [x, *block.norm.parameters()], grad),
                                torch.autograd.grad(theirs, [x, *spec.parameters()], grad))
+
+
+def test_instance_norm_is_group_norm_to_the_second_derivative():
+    """The outer step differentiates the inner steps' gradients: the written-out double backward must be right."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 5, 5, dtype=torch.float64, requires_grad=True)
+    w = torch.rand(3, dtype=torch.float64).add(0.5).requires_grad_()
+    b = torch.randn(3, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradgradcheck(instance_norm, (x, w, b))
+
+    def second_derivatives(norm):  # the shape of the outer step: a loss of first derivatives, differentiated
+        y = norm(x, w, b)
+        dx, dw = torch.autograd.grad((y.sin() * y).sum(), (x, w), create_graph=True)
+        return torch.autograd.grad(dx.cos().sum() + (dw ** 2).sum(), (x, w, b))
+
+    torch.testing.assert_close(second_derivatives(instance_norm),
+                               second_derivatives(lambda x, w, b: F.group_norm(x, 3, w, b)))
 
 
 @pytest.mark.parametrize("size", [26, 11, 3])

@@ -3,7 +3,6 @@ import sys
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from datasets import sample_meta_train
 from model import ANML
@@ -12,22 +11,6 @@ from tests.conftest import REPO
 sys.path.append(str(REPO / "benchmarks"))  # after the repository, whose meta_test.py a benchmark shares a name with
 import batched_runs  # noqa: E402
 import step_variants  # noqa: E402
-
-
-def test_fused_instance_norm_is_group_norm_to_the_second_derivative():
-    torch.manual_seed(0)
-    x = torch.randn(2, 3, 5, 5, dtype=torch.float64, requires_grad=True)
-    w = torch.rand(3, dtype=torch.float64).add(0.5).requires_grad_()
-    b = torch.randn(3, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradgradcheck(step_variants.instance_norm, (x, w, b))
-
-    def second_derivatives(norm):  # the shape of the outer step: a loss of first derivatives, differentiated
-        y = norm(x, w, b)
-        dx, dw = torch.autograd.grad((y.sin() * y).sum(), (x, w), create_graph=True)
-        return torch.autograd.grad(dx.cos().sum() + (dw ** 2).sum(), (x, w, b))
-
-    fused = second_derivatives(step_variants.instance_norm)
-    torch.testing.assert_close(fused, second_derivatives(lambda x, w, b: F.group_norm(x, 3, w, b)))
 
 
 @pytest.mark.parametrize("variant", [v for v in step_variants.VARIANTS if v != "today"])

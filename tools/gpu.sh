@@ -3,13 +3,18 @@
 #
 #   here:  bash tools/gpu.sh prepare
 #          .carry/ (git-ignored): the higher wheel and Omniglot zipped, 17 MB; name .carry in the run's `carry`
-#   there: bash tools/gpu.sh checks
-#          the CUDA tests, the meta-step benchmark and timings of train_omni.py (100 and 2,000 iterations),
-#          each into $OUT, the card named in card.txt
-#   there: bash tools/gpu.sh variants
-#          benchmarks/step_variants.py (candidate changes to the step, timed as graphs, kernels counted) and
-#          benchmarks/concurrent_runs.py (several runs' graphs at once; again without a cuBLAS workspace) and
-#          benchmarks/batched_runs.py (several runs batched into one network) into $OUT
+#   there: bash tools/gpu.sh STEP [STEP ...]
+#          the steps in the order given, each into $OUT, the card named in card.txt, all of them inside
+#          $SECONDS_LEFT seconds (default 540): a step gets what its own limit allows of the time left, and once the
+#          time is spent the remaining steps are skipped, so put first what matters most. The steps:
+#            tests      the CUDA tests
+#            benchmark  benchmarks/meta_step.py: plain loop, eager step and graph
+#            timing     train_omni.py timed end to end over 100 and 2,000 iterations
+#            variants   benchmarks/step_variants.py (candidate changes to the step, timed as graphs, kernels counted)
+#            batched    benchmarks/batched_runs.py (several runs batched into one network)
+#            streams    benchmarks/concurrent_runs.py (several runs' graphs at once), then again without a cuBLAS
+#                       workspace
+#            checks     tests, benchmark and timing
 #   there: bash tools/gpu.sh train [train_omni.py flags]
 #          starts, or resumes from its newest checkpoint, a run in runs/gpu for at most $SECONDS_LEFT seconds
 #          (default 540), then copies the newest weights (24 MB, in 15 MB parts: a call brings back 16 MiB a
@@ -37,37 +42,63 @@ newest() {  # the checkpoint of runs/gpu's newest resumable save
 
 timed_run() {  # iterations, out-dir: the wall seconds of a whole train_omni.py run, start-up included
     local start=$SECONDS
-    timeout 200 python3 train_omni.py --epochs "$1" --out-dir "$2" -d cuda --no-download > /dev/null \
+    within 200 python3 train_omni.py --epochs "$1" --out-dir "$2" -d cuda --no-download > /dev/null \
         2>> "$OUT/train_timing.txt" || echo "train_omni.py --epochs $1 failed or ran out of time" >> "$OUT/train_timing.txt"
     echo $((SECONDS - start))
+}
+
+ends_at=$((SECONDS + ${SECONDS_LEFT:-540}))
+
+within() {  # LIMIT COMMAND...: the command under LIMIT seconds or the time left, whichever is less
+    local left=$((ends_at - SECONDS)) limit=$1; shift
+    [ "$left" -lt "$limit" ] && limit=$left
+    [ "$limit" -ge 10 ] || { echo "skipped for want of time: $*" | tee -a "$OUT/skipped.txt"; return; }
+    timeout "$limit" "$@"
+}
+
+run_step() {  # STEP: one step of the list in the header; its output into $OUT
+    case "$1" in
+    tests)
+        within 240 python3 -m pytest -q --tb=short tests/test_cuda_graph.py 2>&1 | grep -v "meta-train\|decoding" |
+            tee "$OUT/cuda_tests.txt" || true ;;
+    benchmark)
+        within 150 python3 benchmarks/meta_step.py -d cuda --iterations 20 2>&1 | tail -8 |
+            tee "$OUT/benchmark.txt" || true ;;
+    timing)
+        rm -rf /tmp/t100 /tmp/t2000
+        local short long
+        short=$(timed_run 100 /tmp/t100)
+        long=$(timed_run 2000 /tmp/t2000)
+        echo "$(cat "$OUT/card.txt"): train_omni.py 100 iterations ${short} s, 2000 iterations ${long} s, so" \
+             "$(python3 -c "print(f'{($long - $short) / 1900 * 1000:.1f}')") ms an iteration end to end" |
+            tee "$OUT/train_2000.txt"
+        cp /tmp/t2000/training_log.csv "$OUT/train_2000_log.csv" || true ;;
+    variants)
+        within 180 python3 benchmarks/step_variants.py -d cuda --iterations 10 2>&1 | tail -12 |
+            tee "$OUT/variants.txt" || true ;;
+    batched)
+        within 120 python3 benchmarks/batched_runs.py -d cuda --iterations 10 2>&1 | tail -5 |
+            tee "$OUT/batched.txt" || true ;;
+    streams)
+        within 120 python3 benchmarks/concurrent_runs.py --watchdog 60 2>&1 | tail -30 | tee "$OUT/concurrent.txt" ||
+            true
+        CUBLAS_WORKSPACE_CONFIG=:0:0 within 120 python3 benchmarks/concurrent_runs.py --watchdog 60 2>&1 | tail -30 |
+            tee "$OUT/concurrent_no_cublas_workspace.txt" || true ;;
+    checks)
+        run_step tests; run_step benchmark; run_step timing ;;
+    *)
+        sed -n 2,27p "$0"; exit 2 ;;
+    esac
 }
 
 case "${1:-}" in
 prepare)
     mkdir -p .carry
-    grep -qxF ".carry/" .git/info/exclude || echo ".carry/" >> .git/info/exclude
+    grep -qxF ".carry/" .git/info/exclude 2> /dev/null || echo ".carry/" >> .git/info/exclude
     python3 -m pip download -q higher==0.2.1 --no-deps -d .carry
     root=${OMNIGLOT_ROOT:-../shared/omniglot}
     (cd "$root" && python3 -m zipfile -c "$OLDPWD/.carry/omniglot.zip" omniglot-py)
     du -sh .carry ;;
-checks)
-    setup
-    # Each step under its own time limit, so that one that hangs leaves the lease to the others.
-    timeout 240 python3 -m pytest -q tests/test_cuda_graph.py 2>&1 | tail -30 | tee "$OUT/cuda_tests.txt" || true
-    timeout 150 python3 benchmarks/meta_step.py -d cuda --iterations 20 2>&1 | tail -8 | tee "$OUT/benchmark.txt" || true
-    rm -rf /tmp/t100 /tmp/t2000
-    short=$(timed_run 100 /tmp/t100)
-    long=$(timed_run 2000 /tmp/t2000)
-    echo "$(cat "$OUT/card.txt"): train_omni.py 100 iterations ${short} s, 2000 iterations ${long} s, so" \
-         "$(python3 -c "print(f'{($long - $short) / 1900 * 1000:.1f}')") ms an iteration end to end" | tee "$OUT/train_2000.txt"
-    cp /tmp/t2000/training_log.csv "$OUT/train_2000_log.csv" ;;
-variants)
-    setup
-    timeout 180 python3 benchmarks/step_variants.py -d cuda --iterations 10 2>&1 | tail -12 | tee "$OUT/variants.txt" || true
-    timeout 120 python3 benchmarks/concurrent_runs.py --watchdog 60 2>&1 | tail -30 | tee "$OUT/concurrent.txt" || true
-    CUBLAS_WORKSPACE_CONFIG=:0:0 timeout 120 python3 benchmarks/concurrent_runs.py --watchdog 60 2>&1 | tail -30 |
-        tee "$OUT/concurrent_no_cublas_workspace.txt" || true
-    timeout 120 python3 benchmarks/batched_runs.py -d cuda --iterations 10 2>&1 | tail -5 | tee "$OUT/batched.txt" || true ;;
 train)
     shift
     setup
@@ -83,6 +114,9 @@ train)
 state)
     state=$(python3 -c "import checkpoints as c; print(c.state_path(c.newest_resumable('runs/gpu')))")
     split -b 15M -d "$state" "$OUT/$(basename "$state").part" ;;
+''|-h|--help)
+    sed -n 2,27p "$0"; exit 2 ;;
 *)
-    sed -n 2,23p "$0"; exit 2 ;;
+    setup
+    for step in "$@"; do run_step "$step"; done ;;
 esac
