@@ -27,11 +27,7 @@ class ConvBlock(nn.Module):
 
 
 class _NormBackward(torch.autograd.Function):
-    """Instance norm's backward, (g, x, w) -> (dx, dw, db), with its own backward written out.
-
-    Per image and channel, with x̂ = (x - mean) r, r = 1 / sqrt(var + eps), P = mean(g x̂):
-    dx = w r (g - mean(g) - x̂ P), dw = sum(g x̂), db = sum(g).
-    """
+    """Instance norm's backward, (g, x, w) -> (dx, dw, db), with its own backward written out (norm_double_backward)."""
 
     @staticmethod
     def forward(ctx, g, x, w, mean, rstd):
@@ -42,20 +38,31 @@ class _NormBackward(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, a, alpha, beta):
-        g, x, w, mean, rstd = ctx.saved_tensors
-        n, c = x.shape[:2]
-        m, hw = x[0, 0].numel(), (2, 3)
-        r, w, alpha, beta = rstd.view(n, c, 1, 1), w.view(1, c, 1, 1), alpha.view(1, c, 1, 1), beta.view(1, c, 1, 1)
-        a = torch.zeros_like(x) if a is None else a
-        xh = (x - mean.view(n, c, 1, 1)) * r
-        g_c, a_c = g - g.mean(hw, keepdim=True), a - a.mean(hw, keepdim=True)
-        p = (g * xh).mean(hw, keepdim=True)
-        q = (a * xh).sum(hw, keepdim=True)
-        s = (a * g_c).sum(hw, keepdim=True)
-        d_g = w * r * (a_c - xh * q / m) + alpha * xh + beta
-        d_x = -w * r * r * (q / m * g_c + p * a_c + xh * (s - 3 * p * q) / m) + alpha * r * (g_c - xh * p)
-        d_w = (r * a * (g_c - xh * p)).sum((0, 2, 3))
-        return d_g, d_x, d_w, None, None
+        a = torch.zeros_like(ctx.saved_tensors[1]) if a is None else a
+        return *norm_double_backward(*ctx.saved_tensors, a, alpha, beta), None, None
+
+
+def norm_double_backward(g: torch.Tensor, x: torch.Tensor, w: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor,
+                         a: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor
+                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The backward of (g, x, w) -> (dx, dw, db), instance norm's backward, given the gradients (a, alpha, beta) of
+    its outputs.
+
+    Per image and channel, with x̂ = (x - mean) r, r = 1 / sqrt(var + eps), P = mean(g x̂):
+    dx = w r (g - mean(g) - x̂ P), dw = sum(g x̂), db = sum(g).
+    """
+    n, c = x.shape[:2]
+    m, hw = x[0, 0].numel(), (2, 3)
+    r, w, alpha, beta = rstd.view(n, c, 1, 1), w.view(1, c, 1, 1), alpha.view(1, c, 1, 1), beta.view(1, c, 1, 1)
+    xh = (x - mean.view(n, c, 1, 1)) * r
+    g_c, a_c = g - g.mean(hw, keepdim=True), a - a.mean(hw, keepdim=True)
+    p = (g * xh).mean(hw, keepdim=True)
+    q = (a * xh).sum(hw, keepdim=True)
+    s = (a * g_c).sum(hw, keepdim=True)
+    d_g = w * r * (a_c - xh * q / m) + alpha * xh + beta
+    d_x = -w * r * r * (q / m * g_c + p * a_c + xh * (s - 3 * p * q) / m) + alpha * r * (g_c - xh * p)
+    d_w = (r * a * (g_c - xh * p)).sum((0, 2, 3))
+    return d_g, d_x, d_w
 
 
 class _InstanceNorm(torch.autograd.Function):

@@ -74,7 +74,7 @@ run_step() {  # STEP: one step of the list in the header; its output into $OUT
             tee "$OUT/train_2000.txt"
         cp /tmp/t2000/training_log.csv "$OUT/train_2000_log.csv" || true ;;
     variants)
-        within 180 python3 benchmarks/step_variants.py -d cuda --iterations 10 2>&1 | tail -12 |
+        within 240 python3 benchmarks/step_variants.py -d cuda --iterations 10 2>&1 | tail -20 |
             tee "$OUT/variants.txt" || true ;;
     batched)
         within 120 python3 benchmarks/batched_runs.py -d cuda --iterations 10 2>&1 | tail -5 |
