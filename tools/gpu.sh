@@ -4,7 +4,7 @@
 #   here:  bash tools/gpu.sh prepare
 #          .carry/ (git-ignored): the higher wheel and Omniglot zipped, 17 MB; name .carry in the run's `carry`
 #   there: bash tools/gpu.sh STEP [STEP ...]
-#          the steps in the order given, each into $OUT, the card named in card.txt, all of them inside
+#          the steps in the order given, each into $OUT/STEP.txt, the card named in card.txt, all of them inside
 #          $SECONDS_LEFT seconds (default 540): a step gets what its own limit allows of the time left, and once the
 #          time is spent the remaining steps are skipped, so put first what matters most. The steps:
 #            tests      the CUDA tests
@@ -43,7 +43,7 @@ newest() {  # the checkpoint of runs/gpu's newest resumable save
 timed_run() {  # iterations, out-dir: the wall seconds of a whole train_omni.py run, start-up included
     local start=$SECONDS
     within 200 python3 train_omni.py --epochs "$1" --out-dir "$2" -d cuda --no-download > /dev/null \
-        2>> "$OUT/train_timing.txt" || echo "train_omni.py --epochs $1 failed or ran out of time" >> "$OUT/train_timing.txt"
+        2>> "$OUT/timing.txt" || echo "train_omni.py --epochs $1 failed or ran out of time" >> "$OUT/timing.txt"
     echo $((SECONDS - start))
 }
 
@@ -52,38 +52,37 @@ ends_at=$((SECONDS + ${SECONDS_LEFT:-540}))
 within() {  # LIMIT COMMAND...: the command under LIMIT seconds or the time left, whichever is less
     local left=$((ends_at - SECONDS)) limit=$1; shift
     [ "$left" -lt "$limit" ] && limit=$left
-    [ "$limit" -ge 10 ] || { echo "skipped for want of time: $*" | tee -a "$OUT/skipped.txt"; return; }
+    [ "$limit" -ge 10 ] || { echo "skipped for want of time: $*" >&2; return; }
     timeout "$limit" "$@"
 }
 
-run_step() {  # STEP: one step of the list in the header; its output into $OUT
+run_step() {  # STEP: one step of the list in the header, its output into $OUT/STEP.txt (a call brings back 8 files)
+    local log=$OUT/$1.txt
     case "$1" in
     tests)
         within 240 python3 -m pytest -q --tb=short tests/test_cuda_graph.py 2>&1 | grep -v "meta-train\|decoding" |
-            tee "$OUT/cuda_tests.txt" || true ;;
+            tee "$log" || true ;;
     benchmark)
-        within 150 python3 benchmarks/meta_step.py -d cuda --iterations 20 2>&1 | tail -8 |
-            tee "$OUT/benchmark.txt" || true ;;
+        within 150 python3 benchmarks/meta_step.py -d cuda --iterations 20 2>&1 | tail -8 | tee "$log" || true ;;
     timing)
         rm -rf /tmp/t100 /tmp/t2000
         local short long
         short=$(timed_run 100 /tmp/t100)
         long=$(timed_run 2000 /tmp/t2000)
+        [ -f /tmp/t2000/training_log.csv ] || return 0
         echo "$(cat "$OUT/card.txt"): train_omni.py 100 iterations ${short} s, 2000 iterations ${long} s, so" \
              "$(python3 -c "print(f'{($long - $short) / 1900 * 1000:.1f}')") ms an iteration end to end" |
-            tee "$OUT/train_2000.txt"
-        cp /tmp/t2000/training_log.csv "$OUT/train_2000_log.csv" || true ;;
+            tee -a "$log"
+        cp /tmp/t2000/training_log.csv "$OUT/timing_log.csv" ;;
     variants)
-        within 240 python3 benchmarks/step_variants.py -d cuda --iterations 10 2>&1 | tail -20 |
-            tee "$OUT/variants.txt" || true ;;
+        within 240 python3 benchmarks/step_variants.py -d cuda --iterations 10 2>&1 | tail -20 | tee "$log" || true ;;
     batched)
-        within 120 python3 benchmarks/batched_runs.py -d cuda --iterations 10 2>&1 | tail -5 |
-            tee "$OUT/batched.txt" || true ;;
+        within 120 python3 benchmarks/batched_runs.py -d cuda --iterations 10 2>&1 | tail -5 | tee "$log" || true ;;
     streams)
-        within 120 python3 benchmarks/concurrent_runs.py --watchdog 60 2>&1 | tail -30 | tee "$OUT/concurrent.txt" ||
-            true
+        within 120 python3 benchmarks/concurrent_runs.py --watchdog 60 2>&1 | tail -30 | tee "$log" || true
+        echo "again with CUBLAS_WORKSPACE_CONFIG=:0:0" | tee -a "$log"
         CUBLAS_WORKSPACE_CONFIG=:0:0 within 120 python3 benchmarks/concurrent_runs.py --watchdog 60 2>&1 | tail -30 |
-            tee "$OUT/concurrent_no_cublas_workspace.txt" || true ;;
+            tee -a "$log" || true ;;
     checks)
         run_step tests; run_step benchmark; run_step timing ;;
     *)
