@@ -158,36 +158,50 @@ def main() -> None:
                                                                       if cuda else f"{'aten ops':>10}"))
     base = {}
     for label, variant in VARIANTS.items():
-        worst, _ = worst_difference(gradients(net, tasks[0], label), reference)
-        with variant():
-            eager_net = copy.deepcopy(net)
-            eager = functools.partial(anml.meta_step, eager_net, torch.optim.Adam(eager_net.parameters(), lr=0.001))
-            t_eager = seconds_per_step(eager, tasks, device)
-            row = f"{label:<42}{worst:>16.1e}{t_eager:>10.4f}"
-            if cuda:
-                graph_net = copy.deepcopy(net)
-                opt = torch.optim.Adam(graph_net.parameters(), lr=0.001)
-                cuda_graph.make_capturable(opt)
-                graphed = cuda_graph.CudaGraphed(functools.partial(anml.meta_step, graph_net, opt))
-                t_graph = seconds_per_step(graphed, tasks, device, warmup=cuda_graph.WARMUP + 1)
-                kernels, kernel_ms = kernels_per_step(graphed, tasks[0])
-                base.setdefault("graph", t_graph)
-                row += f"{t_graph:>10.4f}{kernels:>9}{kernel_ms:>11.1f}   {base['graph'] / t_graph:.2f}x today's graph"
-            else:
-                # Compiled code cannot run under the mode that counts operators, and runs none of them one by one.
-                ops = "" if "compiled" in label else ops_per_step(eager, tasks[0])
-                base.setdefault("eager", t_eager)
-                row += f"{ops:>10}   {base['eager'] / t_eager:.2f}x today's step"
-        print(row, flush=True)
-    if cuda:
-        outside_net = copy.deepcopy(net)
-        outside_opt = torch.optim.Adam(outside_net.parameters(), lr=0.001)
-        cuda_graph.make_capturable(outside_opt)  # as anml.graphed_step has it
-        outside = cuda_graph.graphed_gradient(functools.partial(anml.meta_gradient, outside_net), outside_opt)
-        t_graph = seconds_per_step(outside, tasks, device, warmup=cuda_graph.WARMUP + 1)
-        kernels, kernel_ms = kernels_per_step(outside, tasks[0])
-        print(f"{'adam-outside':<42}{'':>16}{'':>10}{t_graph:>10.4f}{kernels:>9}{kernel_ms:>11.1f}   "
-              f"{base['graph'] / t_graph:.2f}x today's graph")
+        try:
+            print(variant_row(label, variant, net, tasks, reference, base), flush=True)
+        except Exception as err:  # a candidate that fails (to compile, to capture) must not cost the others' rows
+            print(f"{label:<42}failed: {type(err).__name__}: {str(err).strip().splitlines()[0]}", flush=True)
+        if label == "today" and cuda:
+            print(adam_outside_row(net, tasks, base), flush=True)
+
+
+def variant_row(label: str, variant: Callable, net: model.ANML, tasks: list, reference: dict, base: dict) -> str:
+    """The variant's row: its worst gradient difference, eager seconds, and graph seconds and kernels (CUDA) or aten
+    operators (CPU); `base` keeps the first row's time, today's, which every row is a ratio of."""
+    device = tasks[0][0].device
+    worst, _ = worst_difference(gradients(net, tasks[0], label), reference)
+    with variant():
+        eager_net = copy.deepcopy(net)
+        eager = functools.partial(anml.meta_step, eager_net, torch.optim.Adam(eager_net.parameters(), lr=0.001))
+        t_eager = seconds_per_step(eager, tasks, device)
+        row = f"{label:<42}{worst:>16.1e}{t_eager:>10.4f}"
+        if device.type == "cuda":
+            graph_net = copy.deepcopy(net)
+            opt = torch.optim.Adam(graph_net.parameters(), lr=0.001)
+            cuda_graph.make_capturable(opt)
+            graphed = cuda_graph.CudaGraphed(functools.partial(anml.meta_step, graph_net, opt))
+            t_graph = seconds_per_step(graphed, tasks, device, warmup=cuda_graph.WARMUP + 1)
+            kernels, kernel_ms = kernels_per_step(graphed, tasks[0])
+            base.setdefault("graph", t_graph)
+            return row + (f"{t_graph:>10.4f}{kernels:>9}{kernel_ms:>11.1f}   "
+                          f"{base['graph'] / t_graph:.2f}x today's graph")
+        # Compiled code cannot run under the mode that counts operators, and runs none of them one by one.
+        ops = "" if "compiled" in label else ops_per_step(eager, tasks[0])
+        base.setdefault("eager", t_eager)
+        return row + f"{ops:>10}   {base['eager'] / t_eager:.2f}x today's step"
+
+
+def adam_outside_row(net: model.ANML, tasks: list, base: dict) -> str:
+    """The graph of the meta-gradient alone, Adam stepping eagerly after it, as under torchrun."""
+    outside_net = copy.deepcopy(net)
+    outside_opt = torch.optim.Adam(outside_net.parameters(), lr=0.001)
+    cuda_graph.make_capturable(outside_opt)  # as anml.graphed_step has it
+    outside = cuda_graph.graphed_gradient(functools.partial(anml.meta_gradient, outside_net), outside_opt)
+    t_graph = seconds_per_step(outside, tasks, tasks[0][0].device, warmup=cuda_graph.WARMUP + 1)
+    kernels, kernel_ms = kernels_per_step(outside, tasks[0])
+    return (f"{'adam-outside':<42}{'':>16}{'':>10}{t_graph:>10.4f}{kernels:>9}{kernel_ms:>11.1f}   "
+            f"{base['graph'] / t_graph:.2f}x today's graph")
 
 
 if __name__ == "__main__":
