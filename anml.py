@@ -2,7 +2,7 @@
 
 Read top to bottom: the run's config, the lobotomy, one meta-training step (a task's meta-gradient, then Adam) and
 the plain loop it equals, one iteration (sampling included), the step eager or graphed, the outer rate, the run's
-state (fresh, resumed, saved) and the training loop.
+state (fresh, resumed, saved) and the training loop (one run, or several taking turns).
 """
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import functools
 import json
 import logging
 import math
+import os
 import random
 import signal
 from collections.abc import Callable
@@ -189,11 +190,15 @@ def outer_optimizer(model: ANML, lr: float) -> torch.optim.Adam:
 
 @dataclass
 class RunState:
-    """What a run needs to go on: the model, its outer optimizer, its config and the next iteration to run."""
+    """What a run needs to go on: the model, its outer optimizer, its config, the next iteration to run and the
+    random state it draws from."""
     model: ANML
     optimizer: torch.optim.Adam
     config: RunConfig
     iteration: int = 0
+    # The random state that its next iteration draws from: each iteration starts from it and leaves it updated, so
+    # that runs trained together (train_together) draw each from its own.
+    rng: dict = dataclasses.field(default_factory=checkpoints.rng_state)
 
     @classmethod
     def fresh(cls, config: RunConfig, device: torch.device) -> RunState:
@@ -269,41 +274,96 @@ def train(state: RunState, data: Omniglot, out_dir: Path, graphed: bool = False)
     raises KeyboardInterrupt. Under torchrun each worker runs one task of the meta-batch; rank 0 logs and writes, and
     refuses a folder that another process is training into.
     """
-    config, out_dir = state.config, Path(out_dir)
+    return train_together([state], data, [out_dir], graphed)[0]
+
+
+def train_together(states: list[RunState], data: Omniglot, out_dirs: list[Path], graphed: bool = False) -> list[Path]:
+    """Several runs in one process, each as `train` runs it alone, one iteration of each in turn; returns each run's
+    last checkpoint.
+
+    Each run draws from its own random state (RunState.rng), so each gives the results it gives alone. On CUDA each
+    run works on a CUDA stream of its own, so that the GPU runs one run's replay while another's is launched: one
+    replay fills a fraction of a GPU. Graphs on several streams hang with PyTorch's cuBLAS workspaces (README), so
+    that needs CUBLAS_WORKSPACE_CONFIG=:0:0 in the environment before CUDA starts. Ctrl-C stops every run after its
+    iteration of the round under way, each saved. Not under torchrun, whose workers share one run.
+    """
+    streams = len(states) > 1 and states[0].model.fc.weight.is_cuda
+    if len(states) > 1 and workers.world_size() > 1:
+        raise ValueError("several runs train together in one process, not under torchrun")
+    if streams and os.environ.get("CUBLAS_WORKSPACE_CONFIG") != ":0:0":
+        raise ValueError("several runs on one GPU hang with cuBLAS workspaces: set CUBLAS_WORKSPACE_CONFIG=:0:0 "
+                         "before CUDA starts (train_omni.py does)")
     with contextlib.ExitStack() as cleanup:
-        log_file = None
-        if workers.rank() == 0:
-            cleanup.enter_context(checkpoints.sole_writer(out_dir))
-            log_file = cleanup.enter_context(_open_log(out_dir / "training_log.csv", state.iteration))
-            checkpoints.remove_temporaries(out_dir)
-            with checkpoints.atomic_path(out_dir / "config.json") as tmp:  # the recipe, readable beside the run
-                tmp.write_text(json.dumps(dataclasses.asdict(config), indent=1) + "\n")
-        step = (graphed_step if graphed else eager_step)(state.model, state.optimizer, config.inner_lr)
         interrupted = []
         for stop_signal in (signal.SIGINT, signal.SIGTERM):
             previous_handler = signal.signal(stop_signal, lambda *_: interrupted.append(True))
             cleanup.callback(signal.signal, stop_signal, previous_handler)
-        window, last = [], None
-        bar = tqdm(range(state.iteration, config.epochs), initial=state.iteration, total=config.epochs,
-                   desc="meta-train", disable=workers.rank() > 0)
-        for it in bar:
+        runs = [_Run(state, data, Path(out_dir), graphed, cleanup, streams,
+                     Path(out_dir).name if len(states) > 1 else "meta-train")
+                for state, out_dir in zip(states, out_dirs)]
+        going = [run for run in runs if run.state.iteration < run.state.config.epochs]
+        while going:
+            going = [run for run in going if not run.iterate(interrupted)]
+        if interrupted:
+            raise KeyboardInterrupt("; ".join(f"stopped after iteration {run.state.iteration - 1}, saved as {run.last}"
+                                              for run in runs))
+    return [run.last for run in runs]
+
+
+class _Run:
+    """One run of train_together: its step, log, progress bar, the outer loss and accuracy since its last log row,
+    and, with other runs, its CUDA stream."""
+
+    def __init__(self, state: RunState, data: Omniglot, out_dir: Path, graphed: bool, cleanup: contextlib.ExitStack,
+                 stream: bool, desc: str):
+        self.state, self.data, self.out_dir, config = state, data, out_dir, state.config
+        self.stream = torch.cuda.Stream(state.model.fc.weight.device) if stream else None
+        self.log_file = None
+        if workers.rank() == 0:
+            cleanup.enter_context(checkpoints.sole_writer(out_dir))
+            self.log_file = cleanup.enter_context(_open_log(out_dir / "training_log.csv", state.iteration))
+            checkpoints.remove_temporaries(out_dir)
+            with checkpoints.atomic_path(out_dir / "config.json") as tmp:  # the recipe, readable beside the run
+                tmp.write_text(json.dumps(dataclasses.asdict(config), indent=1) + "\n")
+        with self.on_stream():
+            self.step = (graphed_step if graphed else eager_step)(state.model, state.optimizer, config.inner_lr)
+        self.window, self.last = [], None
+        self.bar = cleanup.enter_context(tqdm(initial=state.iteration, total=config.epochs, desc=desc,
+                                              disable=workers.rank() > 0))
+
+    @contextlib.contextmanager
+    def on_stream(self):
+        """The run's own stream current (where it has one), after all that the default stream has queued so far."""
+        if self.stream is None:
+            yield
+            return
+        self.stream.wait_stream(torch.cuda.current_stream(self.stream.device))
+        with torch.cuda.stream(self.stream):
+            yield
+
+    def iterate(self, interrupted: list) -> bool:
+        """One iteration, logged and saved as due; returns whether it was the run's last: its end, or a stop
+        (`interrupted` not empty once the iteration is done)."""
+        state, config, it = self.state, self.state.config, self.state.iteration
+        checkpoints.set_rng_state(state.rng)
+        with self.on_stream():
             set_lr(state.optimizer, get_lr(it, config))
-            loss_acc = torch.stack(meta_iteration(state.model, data, step))
+            loss_acc = torch.stack(meta_iteration(state.model, self.data, self.step))
             # Under torchrun: the meta-batch's mean loss and accuracy, and whether any worker was interrupted.
             loss_acc, stop = workers.mean_and_any(loss_acc, bool(interrupted))
-            window.append(loss_acc)
+            self.window.append(loss_acc)
             state.iteration = it + 1
             last_one = it + 1 == config.epochs or stop
             if (it + 1) % config.log_every == 0 or last_one:
-                loss, acc = torch.stack(window).double().cpu().numpy().mean(axis=0)  # read at log time only
-                if log_file:
-                    log_file.write(f"{it},{loss:.5f},{acc:.5f}\n")
-                    log_file.flush()
-                bar.set_postfix(loss=f"{loss:.3f}", acc=f"{acc:.3f}")
-                window = []
+                loss, acc = torch.stack(self.window).double().cpu().numpy().mean(axis=0)  # read at log time only
+                if self.log_file:
+                    self.log_file.write(f"{it},{loss:.5f},{acc:.5f}\n")
+                    self.log_file.flush()
+                self.bar.set_postfix(loss=f"{loss:.3f}", acc=f"{acc:.3f}", refresh=False)
+                self.window = []
             if (it + 1) % config.save_every == 0 or last_one:
-                last = state.save(out_dir)
-                log.info("saved %s", last)
-            if stop:
-                raise KeyboardInterrupt(f"stopped after iteration {it}, saved as {last}")
-    return last
+                self.last = state.save(self.out_dir)
+                log.info("saved %s", self.last)
+        state.rng = checkpoints.rng_state()
+        self.bar.update()
+        return last_one

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import os
 import shlex
 import sys
 from pathlib import Path
@@ -36,7 +37,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="outer rate constant, or cosine-decayed from --outer-lr to 0 over --epochs (default constant)")
     p.add_argument("--conv-init", choices=["default", "kaiming"],
                    help="conv weights of RLN and NM: PyTorch's default init, or Kaiming-normal (default default)")
-    p.add_argument("--seed", type=int, help=f"seed for torch, numpy and random (default {DEFAULTS.seed})")
+    p.add_argument("--seed", type=int, nargs="+", help=f"seed for torch, numpy and random (default {DEFAULTS.seed}); "
+                   "several: as many runs, trained together (one process, on CUDA a stream each), in OUT_DIR/seed_S")
     p.add_argument("--save-every", type=int, help=f"checkpoint every N iterations (default {DEFAULTS.save_every})")
     p.add_argument("--log-every", type=int, help=f"log every N iterations (default {DEFAULTS.log_every})")
     p.add_argument("--keep-states", type=int, help="keep the resumable state of the newest N checkpoints only, "
@@ -48,9 +50,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-download", action="store_true", help="never download Omniglot; fail if it is absent")
     p.add_argument("--out-dir", type=Path, help="where checkpoints and the log go (default runs/, or the resumed "
                    "checkpoint's folder)")
-    p.add_argument("--resume", type=Path, metavar="CHECKPOINT",
+    p.add_argument("--resume", type=Path, nargs="+", metavar="CHECKPOINT",
                    help="continue the run saved as CHECKPOINT (its .state.pth must sit beside it), or a run's folder: "
-                   "from its newest checkpoint that has one")
+                   "from its newest checkpoint that has one; several: those runs, trained together, each in its folder")
     return p.parse_args(argv)
 
 
@@ -58,11 +60,13 @@ def flag(key: str) -> str:
     return "--" + key.replace("_", "-")
 
 
-def run_config(args: argparse.Namespace, saved: RunConfig | None, start: int = 0) -> RunConfig:
+def run_config(args: argparse.Namespace, saved: RunConfig | None, start: int = 0, seed: int | None = None) -> RunConfig:
     """The flags given, over the resumed run's config (or the defaults); a resumed run keeps its recipe and may
     change only how it is kept (and its length, under the constant rate). `start`: the resumed run's next
-    iteration."""
+    iteration; `seed`: which of the seeds given is this run's (the first, unless given)."""
     given = {f.name: getattr(args, f.name) for f in dataclasses.fields(RunConfig) if getattr(args, f.name) is not None}
+    if args.seed is not None:
+        given["seed"] = args.seed[0] if seed is None else seed
     if saved is None:
         return RunConfig(**given)
     # The cosine schedule is drawn over the run's length: a longer run would change the rates already used.
@@ -80,24 +84,47 @@ def run_config(args: argparse.Namespace, saved: RunConfig | None, start: int = 0
     return config
 
 
-def check_args(args: argparse.Namespace) -> None:
+def out_dirs(args: argparse.Namespace) -> list[Path]:
+    """Each run's folder: --out-dir (default runs/, or the resumed checkpoint's folder), OUT_DIR/seed_S for each of
+    several seeds, each resumed run's own folder."""
+    if args.resume:
+        if len(args.resume) > 1 and args.out_dir is not None:
+            raise ValueError("several runs resumed together go on each in its own folder; drop --out-dir")
+        return [args.out_dir or checkpoint.parent for checkpoint in args.resume]
+    out_dir = args.out_dir or Path("runs")
+    if args.seed is not None and len(args.seed) > 1:
+        return [out_dir / f"seed_{seed}" for seed in args.seed]
+    return [out_dir]
+
+
+def check_args(args: argparse.Namespace, dirs: list[Path]) -> None:
     """Refuse bad flags before any work; a new run must not overwrite another run's log and checkpoints (the
     shipped model's, for one)."""
     for key in ("rln", "nm", "mask", "epochs", "save_every", "log_every", "keep_states"):
         if getattr(args, key) is not None and getattr(args, key) < 1:
             raise ValueError(f"{flag(key)} {getattr(args, key)} must be at least 1")
-    if args.seed is not None and not 0 <= args.seed < 2**32:
-        raise ValueError(f"--seed {args.seed} is outside 0..{2**32 - 1}, the seeds numpy accepts")
+    for seed in args.seed or []:
+        if not 0 <= seed < 2**32:
+            raise ValueError(f"--seed {seed} is outside 0..{2**32 - 1}, the seeds numpy accepts")
+    if args.seed is not None and len(set(args.seed)) < len(args.seed):
+        raise ValueError(f"--seed {' '.join(map(str, args.seed))} repeats a seed; give each run its own")
+    if args.resume and args.seed is not None and len(args.seed) > 1:
+        raise ValueError("several seeds start new runs; a resumed run keeps its seed: drop --seed")
+    if len({d.resolve() for d in dirs}) < len(dirs):
+        raise ValueError("two of the runs would share a folder: resume each run once")
+    if len(dirs) > 1 and dist.is_torchelastic_launched():
+        raise ValueError("under torchrun the workers train one run together; train several runs without torchrun")
     if args.outer_lr is not None and not args.outer_lr > 0:
         raise ValueError(f"--outer-lr {args.outer_lr} is not a positive learning rate; the outer step would not learn")
     if args.inner_lr is not None and not args.inner_lr >= 0:
         raise ValueError(f"--inner-lr {args.inner_lr} is not a learning rate; give 0 (no inner learning) or more")
-    if args.out_dir.exists() and not args.out_dir.is_dir():
-        raise ValueError(f"--out-dir {args.out_dir} is a file, not a folder; give another --out-dir")
-    checkpoints.check_writable(args.out_dir, "--out-dir", args.out_dir)
-    if not args.resume and (args.out_dir / "training_log.csv").exists():
-        raise ValueError(f"{args.out_dir} already holds a run (training_log.csv); continue it with --resume "
-                         "CHECKPOINT, or start a new run with another --out-dir")
+    for out_dir in dirs:
+        if out_dir.exists() and not out_dir.is_dir():
+            raise ValueError(f"--out-dir {out_dir} is a file, not a folder; give another --out-dir")
+        checkpoints.check_writable(out_dir, "--out-dir", out_dir)
+        if not args.resume and (out_dir / "training_log.csv").exists():
+            raise ValueError(f"{out_dir} already holds a run (training_log.csv); continue it with --resume "
+                             "CHECKPOINT, or start a new run with another --out-dir")
 
 
 def plot_training_log(out_dir: Path, config: RunConfig) -> Path | None:
@@ -131,9 +158,9 @@ def plot_training_log(out_dir: Path, config: RunConfig) -> Path | None:
     return path
 
 
-def resume_command(args: argparse.Namespace, checkpoint: Path) -> str:
-    """The command line that continues this run from `checkpoint`, as the user started it."""
-    words = [sys.argv[0] if sys.argv[0].endswith("train_omni.py") else "train_omni.py", "--resume", str(checkpoint)]
+def resume_command(args: argparse.Namespace, saved: list[Path]) -> str:
+    """The command line that continues these runs from their checkpoints `saved`, as the user started them."""
+    words = [sys.argv[0] if sys.argv[0].endswith("train_omni.py") else "train_omni.py", "--resume", *map(str, saved)]
     if args.data_root:
         words += ["--data-root", str(args.data_root)]
     if args.no_download:
@@ -146,43 +173,46 @@ def resume_command(args: argparse.Namespace, checkpoint: Path) -> str:
 def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     args = parse_args(argv)
-    state = start = None
+    states, starts, dirs = [], [], []
     finished = False
     try:
-        if args.resume is not None and args.resume.is_dir():
-            args.resume = checkpoints.newest_resumable(args.resume)
-        if args.out_dir is None:
-            args.out_dir = args.resume.parent if args.resume else Path("runs")
-        check_args(args)  # before torchrun's rendezvous, so that no worker can have begun a log yet
+        if args.resume:
+            args.resume = [checkpoints.newest_resumable(c) if c.is_dir() else c for c in args.resume]
+        dirs = out_dirs(args)
+        check_args(args, dirs)  # before torchrun's rendezvous, so that no worker can have begun a log yet
+        if len(dirs) > 1:  # before CUDA starts: graphs on several streams hang with cuBLAS workspaces (README)
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":0:0")
         device = runtime.set_up(args.device)
         if dist.is_torchelastic_launched():
             device = workers.join(device)
         data = load_split(find_root(args.data_root, download=not args.no_download), "images_background").to(device)
-        if args.resume:
-            resumed = RunState.resume(args.resume, device)
-            state = dataclasses.replace(resumed, config=run_config(args, resumed.config, resumed.iteration))
-            logging.info("resuming %s at iteration %d", args.resume, state.iteration)
-        else:
-            state = RunState.fresh(run_config(args, None), device)
-        start = state.iteration
+        for checkpoint in args.resume or []:
+            resumed = RunState.resume(checkpoint, device)
+            states.append(dataclasses.replace(resumed, config=run_config(args, resumed.config, resumed.iteration)))
+            logging.info("resuming %s at iteration %d", checkpoint, resumed.iteration)
+        if not args.resume:
+            states = [RunState.fresh(run_config(args, None, seed=seed), device) for seed in args.seed or [None]]
+        starts = [state.iteration for state in states]
         if workers.world_size() > 1:
             logging.info("meta-batch of %d tasks, one per worker", workers.world_size())
-        last = anml.train(state, data, args.out_dir, graphed=device.type == "cuda" and not args.no_cuda_graph)
+        if len(states) > 1:
+            logging.info("%d runs together: %s", len(states), ", ".join(map(str, dirs)))
+        last = anml.train_together(states, data, dirs, graphed=device.type == "cuda" and not args.no_cuda_graph)
         finished = True
     except (OSError, ValueError) as err:
         sys.exit(f"error: {err}")
     except KeyboardInterrupt:
-        if state is None or state.iteration == start:
+        if len(states) < len(dirs) or [state.iteration for state in states] == starts:
             sys.exit("interrupted before the first iteration; nothing new was saved")
-        sys.exit(f"interrupted after iteration {state.iteration - 1}; resume with: "
-                 f"{resume_command(args, state.checkpoint(args.out_dir))}")
+        sys.exit(f"interrupted after iteration {', '.join(str(state.iteration - 1) for state in states)}; resume "
+                 f"with: {resume_command(args, [s.checkpoint(d) for s, d in zip(states, dirs)])}")
     finally:
-        curve = None
         # Only where this process trained: not over the folder of a run that another process holds.
-        if state is not None and workers.rank() == 0 and state.iteration > start:
-            curve = plot_training_log(args.out_dir, state.config)
+        curves = [plot_training_log(out_dir, state.config) if workers.rank() == 0 and state.iteration > start else None
+                  for state, start, out_dir in zip(states, starts, dirs)]
         workers.leave(together=finished)
-    logging.info("done: %s, log %s, curve %s", last, args.out_dir / "training_log.csv", curve)
+    for checkpoint, out_dir, curve in zip(last, dirs, curves):
+        logging.info("done: %s, log %s, curve %s", checkpoint, out_dir / "training_log.csv", curve)
 
 
 if __name__ == "__main__":

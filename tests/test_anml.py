@@ -1,4 +1,5 @@
 import copy
+import dataclasses
 import functools
 import os
 import shutil
@@ -82,6 +83,28 @@ def test_a_stop_signal_finishes_the_iteration_and_saves(stop_signal, background,
     saved = tmp_path / checkpoints.checkpoint_name(16, 8, 144, 1)
     assert saved.is_file() and checkpoints.state_path(saved).is_file()
     assert signal.getsignal(stop_signal) is handler  # train's own handler is gone again
+
+
+def test_runs_trained_together_are_each_the_run_alone(background, tmp_path):
+    """Each draws from its own random state: trained together, two runs give what each gives alone, logs included,
+    and resumed together from their checkpoints halfway they go on as before."""
+    cpu, seeds = torch.device("cpu"), (1, 2)
+    config = RunConfig(rln=16, nm=8, epochs=4, save_every=2, log_every=1)
+    alone = [RunState.fresh(dataclasses.replace(config, seed=seed), cpu) for seed in seeds]  # both made, then run
+    for seed, state in zip(seeds, alone):
+        anml.train(state, background, tmp_path / f"alone{seed}")
+    together = [RunState.fresh(dataclasses.replace(config, seed=seed), cpu) for seed in seeds]
+    dirs = [tmp_path / f"together{seed}" for seed in seeds]
+    assert anml.train_together(together, background, dirs) == [d / "16_8_144_ANML-3.pth" for d in dirs]
+    resumed = [RunState.resume(d / "16_8_144_ANML-1.pth", cpu) for d in dirs]
+    anml.train_together(resumed, background, [tmp_path / f"resumed{seed}" for seed in seeds])
+    for seed, one, two, three in zip(seeds, alone, together, resumed):
+        for key, weight in one.model.state_dict().items():
+            assert torch.equal(two.model.state_dict()[key], weight) and torch.equal(three.model.state_dict()[key],
+                                                                                    weight), (seed, key)
+        log = (tmp_path / f"alone{seed}" / "training_log.csv").read_text()
+        assert (tmp_path / f"together{seed}" / "training_log.csv").read_text() == log
+    assert not torch.equal(alone[0].model.fc.weight, alone[1].model.fc.weight)
 
 
 def test_meta_iteration_draws_a_task_and_lobotomizes_its_class(background):

@@ -1,6 +1,7 @@
 """The CUDA-graph path of meta-training against the eager one (skipped without a GPU)."""
 import dataclasses
 import functools
+import os
 import shutil
 
 import pytest
@@ -160,6 +161,29 @@ def test_graphed_torchrun_averages_the_replayed_gradients(omniglot_root, tmp_pat
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in start)  # one averaged step on every worker
     assert not torch.equal(weights[0]["fc.weight"], start["fc.weight"])
     assert len((tmp_path / "run" / "training_log.csv").read_text().splitlines()) == 3
+
+
+def together_worker(rank: int, tmp_path, root) -> None:
+    """Two graphed runs of SHORT trained together, a stream each, and each alone; in a process of its own, as the
+    cuBLAS workspaces that streams need gone must be gone before CUDA starts."""
+    os.environ["CUBLAS_WORKSPACE_CONFIG"] = ":0:0"
+    runtime.float32_only()
+    data = load_split(root, "images_background").to(CUDA)
+    seeds = (1, 2)
+    together = [linear_adam(RunState.fresh(dataclasses.replace(SHORT, seed=seed), CUDA)) for seed in seeds]
+    anml.train_together(together, data, [tmp_path / f"together{seed}" for seed in seeds], graphed=True)
+    for seed, state in zip(seeds, together):
+        alone = linear_adam(RunState.fresh(dataclasses.replace(SHORT, seed=seed), CUDA))
+        anml.train(alone, data, tmp_path / f"alone{seed}", graphed=True)
+        torch.save({"alone": alone.model.state_dict(), "together": state.model.state_dict()}, tmp_path / f"{seed}.pt")
+
+
+def test_graphed_runs_together_on_streams_follow_each_run_alone(omniglot_root, tmp_path):
+    mp.spawn(together_worker, args=(tmp_path, omniglot_root), nprocs=1)
+    for seed in (1, 2):
+        weights = torch.load(tmp_path / f"{seed}.pt", weights_only=True)
+        start = RunState.fresh(dataclasses.replace(SHORT, seed=seed), CUDA).model.state_dict()
+        assert_moved_alike(start, weights["alone"], weights["together"])
 
 
 def test_resumed_graphed_run_continues_as_the_uninterrupted_one(on_gpu, tmp_path):

@@ -18,8 +18,8 @@ from tests.conftest import REPO, assert_one_line_error
 SMALL = ["--rln", "16", "--nm", "8", "--mask", "144", "--seed", "3", "--log-every", "1", "-d", "cpu"]
 
 
-def train_omni(*args, check=True):
-    result = subprocess.run([sys.executable, "train_omni.py", *map(str, args)], cwd=REPO,
+def train_omni(*args, check=True, cwd=REPO):
+    result = subprocess.run([sys.executable, REPO / "train_omni.py", *map(str, args)], cwd=cwd,
                             capture_output=True, text=True, timeout=600)
     if check:
         assert result.returncode == 0, result.stderr
@@ -49,6 +49,30 @@ def test_resume_gives_the_uninterrupted_run(tmp_path, omniglot_root):
     b = torch.load(parts / "16_8_144_ANML-4.pth", weights_only=True)
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert (whole / "training_log.csv").read_text() == (parts / "training_log.csv").read_text()
+
+
+def test_several_seeds_train_together_and_resume_together(tmp_path, omniglot_root):
+    flags = ["--rln", 16, "--nm", 8, "--log-every", 1, "--save-every", 2, "-d", "cpu", "--data-root", omniglot_root]
+    train_omni(*flags, "--seed", 4, 5, "--epochs", 2, "--out-dir", tmp_path / "both")
+    runs = [tmp_path / "both" / f"seed_{seed}" for seed in (4, 5)]
+    assert [json.loads((run / "config.json").read_text())["seed"] for run in runs] == [4, 5]
+    train_omni("--resume", *runs, "--epochs", 3, "--data-root", omniglot_root, "-d", "cpu")
+    train_omni(*flags, "--seed", 5, "--epochs", 3, "--out-dir", tmp_path / "alone")
+    alone = torch.load(tmp_path / "alone" / "16_8_144_ANML-2.pth", weights_only=True)
+    together = torch.load(runs[1] / "16_8_144_ANML-2.pth", weights_only=True)
+    assert all(torch.equal(alone[k], together[k]) for k in alone)
+    assert (runs[1] / "training_log.csv").read_text() == (tmp_path / "alone" / "training_log.csv").read_text()
+    assert all((run / "training_curve.png").is_file() for run in runs)
+
+
+@pytest.mark.parametrize("flags, words", [
+    (["--seed", "4", "4"], ["repeats a seed"]),
+    (["--resume", "a", "b", "--out-dir", "c"], ["--out-dir", "own folder"]),
+    (["--resume", "a", "--seed", "1", "2"], ["drop --seed"]),
+    (["--resume", "a/x.pth", "a/y.pth"], ["share a folder"]),
+])
+def test_several_runs_refuse_flags_that_do_not_fit(flags, words, tmp_path):
+    assert_one_line_error(train_omni(*flags, "-d", "cpu", check=False, cwd=tmp_path), *words)
 
 
 def test_new_run_leaves_a_folder_holding_a_run_untouched(tmp_path, omniglot_root):
