@@ -10,6 +10,7 @@
 #            tests      the CUDA tests
 #            benchmark  benchmarks/meta_step.py: plain loop, eager step and graph
 #            timing     train_omni.py timed end to end over 100 and 2,000 iterations
+#            together   train_omni.py --seed 1 2 3 4 (four runs, a stream each) against one run, end to end
 #            variants   benchmarks/step_variants.py (candidate changes to the step, timed as graphs, kernels counted)
 #            batched    benchmarks/batched_runs.py (several runs batched into one network)
 #            streams    benchmarks/concurrent_runs.py (several runs' graphs at once), then again without a cuBLAS
@@ -40,11 +41,14 @@ newest() {  # the checkpoint of runs/gpu's newest resumable save
     python3 -c "import checkpoints; print(checkpoints.newest_resumable('runs/gpu'))"
 }
 
-timed_run() {  # iterations, out-dir: the wall seconds of a whole train_omni.py run, start-up included
-    local start=$SECONDS
-    within 200 python3 train_omni.py --epochs "$1" --out-dir "$2" -d cuda --no-download > /dev/null \
-        2>> "$OUT/timing.txt" || echo "train_omni.py --epochs $1 failed or ran out of time" >> "$OUT/timing.txt"
-    echo $((SECONDS - start))
+timed_run() {  # iterations, out-dir, [flags]: the wall seconds of a whole train_omni.py run, start-up included
+    local start iterations=$1 out=$2
+    shift 2
+    start=$(date +%s.%N)
+    within 200 python3 train_omni.py --epochs "$iterations" --out-dir "$out" -d cuda --no-download "$@" > /dev/null \
+        2>> "$OUT/timing.txt" ||
+        echo "train_omni.py --epochs $iterations $* failed or ran out of time" >> "$OUT/timing.txt"
+    python3 -c "import time; print(f'{time.time() - $start:.1f}')"
 }
 
 ends_at=$((SECONDS + ${SECONDS_LEFT:-540}))
@@ -74,6 +78,16 @@ run_step() {  # STEP: one step of the list in the header, its output into $OUT/S
              "$(python3 -c "print(f'{($long - $short) / 1900 * 1000:.1f}')") ms an iteration end to end" |
             tee -a "$log"
         cp /tmp/t2000/training_log.csv "$OUT/timing_log.csv" ;;
+    together)
+        rm -rf /tmp/g1 /tmp/g1l /tmp/g4 /tmp/g4l
+        local one one_long four four_long
+        one=$(timed_run 100 /tmp/g1); one_long=$(timed_run 1100 /tmp/g1l)
+        four=$(timed_run 100 /tmp/g4 --seed 1 2 3 4); four_long=$(timed_run 1100 /tmp/g4l --seed 1 2 3 4)
+        [ -f /tmp/g4l/seed_4/training_log.csv ] || return 0
+        python3 -c "one, four = ($one_long - $one) / 1000, ($four_long - $four) / 1000
+print(f'$(cat "$OUT/card.txt"): train_omni.py end to end, iterations 100-1,099: one run {one * 1000:.1f} ms an '
+      f'iteration; --seed 1 2 3 4 {four * 1000:.1f} ms a round of four, {4 * one / four:.2f}x the run-iterations a '
+      f'second of one run')" | tee -a "$log" ;;
     variants)
         within 240 python3 benchmarks/step_variants.py -d cuda --iterations 10 2>&1 | tail -20 | tee "$log" || true ;;
     batched)
@@ -86,7 +100,7 @@ run_step() {  # STEP: one step of the list in the header, its output into $OUT/S
     checks)
         run_step tests; run_step benchmark; run_step timing ;;
     *)
-        sed -n 2,27p "$0"; exit 2 ;;
+        sed -n 2,28p "$0"; exit 2 ;;
     esac
 }
 
@@ -114,7 +128,7 @@ state)
     state=$(python3 -c "import checkpoints as c; print(c.state_path(c.newest_resumable('runs/gpu')))")
     split -b 15M -d "$state" "$OUT/$(basename "$state").part" ;;
 ''|-h|--help)
-    sed -n 2,27p "$0"; exit 2 ;;
+    sed -n 2,28p "$0"; exit 2 ;;
 *)
     setup
     for step in "$@"; do run_step "$step"; done ;;
