@@ -9,13 +9,15 @@ One replay fills a fraction of the GPU, so concurrent streams could multiply a s
 default cuBLAS workspace, two graphs on two streams hang in torch.cuda.synchronize() after their first concurrent
 replay (PyTorch 2.11, H200, twice); with CUBLAS_WORKSPACE_CONFIG=:0:0 (no cuBLAS workspace) they do not: every graph
 is captured on torch.cuda.graph's one default capture stream, while PyTorch keeps a cuBLAS workspace per handle and
-stream. A watchdog prints every thread's stack and ends the process when a phase runs past --watchdog seconds.
+stream; so a third mode captures each graph on a stream of its own, with whichever workspace setting is given. A
+watchdog prints every thread's stack and ends the process when a phase runs past --watchdog seconds.
 On a GPU the losses do not show exactness: two replays of one run are not bitwise equal there, and 20 Adam steps
 amplify that (one run replayed on its own stream strays 1e-1 from itself replayed alone); README has the figures.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import faulthandler
 import functools
 import sys
@@ -38,6 +40,19 @@ def graphed_run(seed: int) -> cuda_graph.CudaGraphed:
     opt = torch.optim.Adam(net.parameters(), lr=0.001)
     cuda_graph.make_capturable(opt)
     return cuda_graph.CudaGraphed(functools.partial(anml.meta_step, net, opt))
+
+
+@contextlib.contextmanager
+def own_capture_streams():
+    """Each graph captured on a stream of its own, not on torch.cuda.graph's one default capture stream: PyTorch keeps
+    a cuBLAS workspace per handle and stream, so graphs captured on one stream share one workspace, which graphs
+    replayed at once on several streams would then use at once."""
+    original = torch.cuda.graph
+    torch.cuda.graph = lambda graph, **kwargs: original(graph, stream=torch.cuda.Stream(), **kwargs)
+    try:
+        yield
+    finally:
+        torch.cuda.graph = original
 
 
 def run_all(steps, tasks, iterations: int, streams: list[torch.cuda.Stream] | None) -> tuple[float, list]:
@@ -89,13 +104,16 @@ def main() -> None:
     for k in range(1, max(args.runs)):  # each run alone, to compare the concurrent ones with
         alone_losses.append(run_all([graphed_run(k)], tasks[k:], args.iterations, None)[1][0])
     print(f"1 run: {alone_s * 1000:.1f} ms an iteration", flush=True)
-    for n in args.runs:
-        for mode in ("one stream", "a stream each"):
-            if n == 1 and mode == "a stream each":
+    # The mode that hung last: a hang ends the process, and the modes before it have printed their rows.
+    for mode in ("one stream", "a stream each, captured on it", "a stream each"):
+        for n in args.runs:
+            if n == 1 and mode != "one stream":
                 continue
             faulthandler.dump_traceback_later(args.watchdog, exit=True)
-            streams = [torch.cuda.Stream() for _ in range(n)] if mode == "a stream each" else None
-            seconds, losses = run_all([graphed_run(k) for k in range(n)], tasks, args.iterations, streams)
+            streams = [torch.cuda.Stream() for _ in range(n)] if mode != "one stream" else None
+            with own_capture_streams() if mode == "a stream each, captured on it" else contextlib.nullcontext():
+                steps = [graphed_run(k) for k in range(n)]
+                seconds, losses = run_all(steps, tasks, args.iterations, streams)
             stray = max(((a - b).abs() / b).max().item() for a, b in zip(losses, alone_losses))
             print(f"{n} runs, {mode}: {seconds * 1000:.1f} ms a round, {n * alone_s / seconds:.2f}x the run-iterations "
                   f"per second of one run; losses at most {stray:.1e} (relative) from each run's alone", flush=True)
