@@ -304,7 +304,11 @@ def train_together(states: list[RunState], data: Omniglot, out_dirs: list[Path],
         going = [run for run in runs if run.state.iteration < run.state.config.epochs]
         while going:
             going = [run for run in going if not run.iterate(interrupted)]
-        if interrupted:
+            if interrupted and len(runs) > 1:  # those that took their turn before the signal stop as they are
+                for run in going:
+                    run.stop()
+                going = []
+        if any(run.stopped for run in runs):
             raise KeyboardInterrupt("; ".join(f"stopped after iteration {run.state.iteration - 1}, saved as {run.last}"
                                               for run in runs))
     return [run.last for run in runs]
@@ -327,7 +331,7 @@ class _Run:
                 tmp.write_text(json.dumps(dataclasses.asdict(config), indent=1) + "\n")
         with self.on_stream():
             self.step = (graphed_step if graphed else eager_step)(state.model, state.optimizer, config.inner_lr)
-        self.window, self.last = [], None
+        self.window, self.last, self.stopped = [], None, False
         self.bar = cleanup.enter_context(tqdm(initial=state.iteration, total=config.epochs, desc=desc,
                                               disable=workers.rank() > 0))
 
@@ -343,27 +347,39 @@ class _Run:
 
     def iterate(self, interrupted: list) -> bool:
         """One iteration, logged and saved as due; returns whether it was the run's last: its end, or a stop
-        (`interrupted` not empty once the iteration is done)."""
+        (`interrupted` not empty once the iteration is done; under torchrun, on any worker)."""
         state, config, it = self.state, self.state.config, self.state.iteration
         checkpoints.set_rng_state(state.rng)
         with self.on_stream():
             set_lr(state.optimizer, get_lr(it, config))
             loss_acc = torch.stack(meta_iteration(state.model, self.data, self.step))
             # Under torchrun: the meta-batch's mean loss and accuracy, and whether any worker was interrupted.
-            loss_acc, stop = workers.mean_and_any(loss_acc, bool(interrupted))
+            loss_acc, self.stopped = workers.mean_and_any(loss_acc, bool(interrupted))
             self.window.append(loss_acc)
             state.iteration = it + 1
-            last_one = it + 1 == config.epochs or stop
-            if (it + 1) % config.log_every == 0 or last_one:
-                loss, acc = torch.stack(self.window).double().cpu().numpy().mean(axis=0)  # read at log time only
-                if self.log_file:
-                    self.log_file.write(f"{it},{loss:.5f},{acc:.5f}\n")
-                    self.log_file.flush()
-                self.bar.set_postfix(loss=f"{loss:.3f}", acc=f"{acc:.3f}", refresh=False)
-                self.window = []
-            if (it + 1) % config.save_every == 0 or last_one:
-                self.last = state.save(self.out_dir)
-                log.info("saved %s", self.last)
+            last_one = state.iteration == config.epochs or self.stopped
+            self.keep(last_one)
         state.rng = checkpoints.rng_state()
         self.bar.update()
         return last_one
+
+    def stop(self) -> None:
+        """Stopped between iterations: the log row and checkpoint of the iterations done, as after a last one."""
+        self.stopped = True
+        checkpoints.set_rng_state(self.state.rng)
+        with self.on_stream():
+            self.keep(last_one=True)
+
+    def keep(self, last_one: bool) -> None:
+        """The log row and checkpoint due after the iteration just done (both, after a run's last one)."""
+        state, config, done = self.state, self.state.config, self.state.iteration
+        if self.window and (done % config.log_every == 0 or last_one):
+            loss, acc = torch.stack(self.window).double().cpu().numpy().mean(axis=0)  # read at log time only
+            if self.log_file:
+                self.log_file.write(f"{done - 1},{loss:.5f},{acc:.5f}\n")
+                self.log_file.flush()
+            self.bar.set_postfix(loss=f"{loss:.3f}", acc=f"{acc:.3f}", refresh=False)
+            self.window = []
+        if (done % config.save_every == 0 or last_one) and self.last != state.checkpoint(self.out_dir):
+            self.last = state.save(self.out_dir)
+            log.info("saved %s", self.last)

@@ -274,13 +274,15 @@ def test_short_run_logs_its_last_iterations_aligned_across_a_resume(tmp_path, om
     assert [r.split(",")[0] for r in (tmp_path / "training_log.csv").read_text().splitlines()[1:]] == ["1", "3", "5"]
 
 
-def test_ctrl_c_prints_a_resume_command_that_works(tmp_path, omniglot_root):
+@pytest.mark.parametrize("seeds", [[], ["--seed", "1", "2"]], ids=["one_run", "two_runs"])
+def test_ctrl_c_prints_a_resume_command_that_works(seeds, tmp_path, omniglot_root):
     out = tmp_path / "run"
+    runs = [out / f"seed_{seed}" for seed in seeds[1:]] or [out]
     flags = ["--rln", "4", "--nm", "4", "--epochs", "100000", "--save-every", "1", "-d", "cpu",
-             "--data-root", str(omniglot_root), "--out-dir", str(out)]
+             "--data-root", str(omniglot_root), "--out-dir", str(out), *seeds]
     proc = subprocess.Popen([sys.executable, "train_omni.py", *flags], cwd=REPO, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 300
-    while not list(out.glob("*.state.pth")) and time.monotonic() < deadline:
+    while not all(list(run.glob("*.state.pth")) for run in runs) and time.monotonic() < deadline:
         time.sleep(0.2)
     proc.send_signal(signal.SIGINT)
     stderr = proc.communicate(timeout=300)[1]
@@ -288,11 +290,12 @@ def test_ctrl_c_prints_a_resume_command_that_works(tmp_path, omniglot_root):
     last = stderr.strip().splitlines()[-1]
     assert last.startswith("interrupted after iteration") and "resume with: python " in last
     command = shlex.split(last.split("resume with: ")[1])
-    iteration = int(last.split("iteration ")[1].split(";")[0])
-    resumed = subprocess.run([sys.executable, *command[1:], "--epochs", str(iteration + 2)], cwd=REPO,
+    iterations = [int(i) for i in last.split("iteration ")[1].split(";")[0].split(", ")]
+    assert len(iterations) == len(runs) and len(set(iterations)) == 1  # every run stopped after the same round
+    resumed = subprocess.run([sys.executable, *command[1:], "--epochs", str(iterations[0] + 2)], cwd=REPO,
                              capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr
-    assert (out / f"4_4_36_ANML-{iteration + 1}.pth").is_file()
+    assert all((run / f"4_4_36_ANML-{iterations[0] + 1}.pth").is_file() for run in runs)
 
 
 def test_reference_spellings_and_seed():
