@@ -12,12 +12,15 @@ model.instance_norm did, whose double backward is written out):
     foreach-sgd    higher's inner SGD update as one foreach add per step, not a multiply and an add per parameter
     compiled-norm  model.norm_double_backward, the dozens of small kernels of the norm's double backward, compiled
                    with torch.compile into a few
+    one-add-sgd    higher's inner SGD update as one add (p.add(g, alpha=-lr)) per parameter, not a multiply and an add
+    channels-last  the conv weights, and so every activation after them, in channels-last memory format
     adam-outside   (CUDA) the graph holds the meta-gradient only, Adam steps eagerly after it: what train_omni.py
                    does under torchrun, where the all-reduce of the gradients comes between the two
 """
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import copy
 import functools
@@ -62,6 +65,27 @@ def foreach_sgd_update(self, grouped_grads, **kwargs) -> None:
             group["params"][i] = p
 
 
+def one_add_sgd_update(self, grouped_grads, **kwargs) -> None:
+    """higher's DifferentiableSGD update, p - lr g, as one add per parameter, where higher multiplies, then adds."""
+    for group, grads in zip(self.param_groups, grouped_grads):
+        for i, g in enumerate(grads):
+            if g is not None:
+                group["params"][i] = group["params"][i].add(g, alpha=-group["lr"])
+
+
+def channels_last(meta_gradient: Callable) -> Callable:
+    """meta_gradient with the model's conv weights first made channels-last, in place (once: after that it is a
+    no-op, so a graph captures none of it). The convolutions then write channels-last activations, which the norm,
+    pool and ReLU keep, and the fast weights and Adam's moments follow their parameters; the drawings, of one
+    channel, are in either format already."""
+    def wrapped(net: model.ANML, *args, **kwargs):
+        for p in net.parameters():
+            if p.dim() == 4:
+                p.data = p.data.contiguous(memory_format=torch.channels_last)
+        return meta_gradient(net, *args, **kwargs)
+    return wrapped
+
+
 # Its 30-odd element-wise operations and reductions, run once per inner step and block in the outer backward, fused
 # by Inductor into a few kernels. The graph captures them like any kernel; the eager warm-ups compile them first.
 compiled_norm_double_backward = torch.compile(model.norm_double_backward, fullgraph=True, dynamic=False)
@@ -92,6 +116,9 @@ VARIANTS: dict[str, Callable[[], contextlib.AbstractContextManager]] = {
     "foreach-sgd": lambda: patched(higher.optim.DifferentiableSGD, "_update", foreach_sgd_update),
     "compiled-norm": lambda: patched(model, "norm_double_backward", compiled_norm_double_backward),
     "compiled-norm + no-conv-bias + foreach-sgd": lambda: _all_of("compiled-norm", "no-conv-bias", "foreach-sgd"),
+    "one-add-sgd": lambda: patched(higher.optim.DifferentiableSGD, "_update", one_add_sgd_update),
+    # meta_step looks meta_gradient up in anml at each call, so patching it there reaches both.
+    "channels-last": lambda: patched(anml, "meta_gradient", channels_last(anml.meta_gradient)),
     "no-conv-bias + foreach-sgd": lambda: _all_of("no-conv-bias", "foreach-sgd"),
 }
 
@@ -126,15 +153,32 @@ def ops_per_step(step, task) -> int:
     return counter.count
 
 
-def kernels_per_step(step, task) -> tuple[int, float]:
-    """The device events (kernels and copies) of one call, and their summed milliseconds."""
-    activities = [torch.profiler.ProfilerActivity.CUDA]
+def device_events(step, task) -> list:
+    """The device events (kernels and copies) of one call."""
     torch.cuda.synchronize()
-    with torch.profiler.profile(activities=activities) as prof:
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         step(*task)
         torch.cuda.synchronize()
-    events = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    return [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+
+
+def kernels_per_step(step, task) -> tuple[int, float]:
+    """The device events of one call, and their summed milliseconds."""
+    events = device_events(step, task)
     return len(events), sum(e.time_range.elapsed_us() for e in events) / 1000
+
+
+def kernel_table(step, task, rows: int = 15) -> str:
+    """The kernels of one call that take the most time in all, by name: where a replay's time goes."""
+    count, us = collections.Counter(), collections.Counter()
+    for e in device_events(step, task):
+        count[e.name] += 1
+        us[e.name] += e.time_range.elapsed_us()
+    total = sum(us.values())
+    lines = [f"today's replay, its {rows} costliest kernels by name: ms, share of the kernel time, launches"]
+    for name, t in us.most_common(rows):
+        lines.append(f"{t / 1000:>8.2f}{t / total:>7.0%}{count[name]:>7}  {name[:100]}")
+    return "\n".join(lines)
 
 
 def main() -> None:
@@ -164,6 +208,18 @@ def main() -> None:
             print(f"{label:<42}failed: {type(err).__name__}: {str(err).strip().splitlines()[0]}", flush=True)
         if label == "today" and cuda:
             print(adam_outside_row(net, tasks, base), flush=True)
+            today = graphed_meta_step(net)
+            for task in tasks[:cuda_graph.WARMUP + 1]:  # eager, then captured
+                today(*task)
+            print(kernel_table(today, tasks[0]), flush=True)
+
+
+def graphed_meta_step(net: model.ANML) -> cuda_graph.CudaGraphed:
+    """meta_step of a copy of `net` and its own Adam, as a CUDA graph."""
+    net = copy.deepcopy(net)
+    opt = torch.optim.Adam(net.parameters(), lr=0.001)
+    cuda_graph.make_capturable(opt)
+    return cuda_graph.CudaGraphed(functools.partial(anml.meta_step, net, opt))
 
 
 def variant_row(label: str, variant: Callable, net: model.ANML, tasks: list, reference: dict, base: dict) -> str:
@@ -177,10 +233,7 @@ def variant_row(label: str, variant: Callable, net: model.ANML, tasks: list, ref
         t_eager = seconds_per_step(eager, tasks, device)
         row = f"{label:<42}{worst:>16.1e}{t_eager:>10.4f}"
         if device.type == "cuda":
-            graph_net = copy.deepcopy(net)
-            opt = torch.optim.Adam(graph_net.parameters(), lr=0.001)
-            cuda_graph.make_capturable(opt)
-            graphed = cuda_graph.CudaGraphed(functools.partial(anml.meta_step, graph_net, opt))
+            graphed = graphed_meta_step(net)
             t_graph = seconds_per_step(graphed, tasks, device, warmup=cuda_graph.WARMUP + 1)
             kernels, kernel_ms = kernels_per_step(graphed, tasks[0])
             base.setdefault("graph", t_graph)

@@ -11,7 +11,8 @@
 #            benchmark  benchmarks/meta_step.py: plain loop, eager step and graph
 #            timing     train_omni.py timed end to end over 100 and 2,000 iterations
 #            together   train_omni.py --seed 1 2 3 4 (four runs, a stream each) against one run, end to end
-#            variants   benchmarks/step_variants.py (candidate changes to the step, timed as graphs, kernels counted)
+#            variants   benchmarks/step_variants.py (candidate changes to the step, timed as graphs, kernels counted;
+#                       the costliest kernels of today's replay by name)
 #            batched    benchmarks/batched_runs.py (several runs batched into one network)
 #            streams    benchmarks/concurrent_runs.py (several runs' graphs at once), then again without a cuBLAS
 #                       workspace
@@ -89,7 +90,7 @@ print(f'$(cat "$OUT/card.txt"): train_omni.py end to end, iterations 100-1,099: 
       f'iteration; --seed 1 2 3 4 {four * 1000:.1f} ms a round of four, {4 * one / four:.2f}x the run-iterations a '
       f'second of one run')" | tee -a "$log" ;;
     variants)
-        within 240 python3 benchmarks/step_variants.py -d cuda --iterations 10 2>&1 | tail -20 | tee "$log" || true ;;
+        within 300 python3 benchmarks/step_variants.py -d cuda --iterations 10 2>&1 | tail -40 | tee "$log" || true ;;
     batched)
         within 120 python3 benchmarks/batched_runs.py -d cuda --iterations 10 2>&1 | tail -5 | tee "$log" || true ;;
     streams)
@@ -100,7 +101,7 @@ print(f'$(cat "$OUT/card.txt"): train_omni.py end to end, iterations 100-1,099: 
     checks)
         run_step tests; run_step benchmark; run_step timing ;;
     *)
-        sed -n 2,28p "$0"; exit 2 ;;
+        sed -n "2,/^set -euo/{/^#/p}" "$0"; exit 2 ;;
     esac
 }
 
@@ -128,7 +129,7 @@ state)
     state=$(python3 -c "import checkpoints as c; print(c.state_path(c.newest_resumable('runs/gpu')))")
     split -b 15M -d "$state" "$OUT/$(basename "$state").part" ;;
 ''|-h|--help)
-    sed -n 2,28p "$0"; exit 2 ;;
+    sed -n "2,/^set -euo/{/^#/p}" "$0"; exit 2 ;;
 *)
     setup
     for step in "$@"; do run_step "$step"; done ;;
