@@ -6,16 +6,20 @@ step launches (aten operators on a CPU; kernels and their summed time on CUDA, o
 
 The candidates are the issue's ways to fewer, fatter kernels on a GPU, where a replay is bound by its thousands of
 tiny kernels; one that wins there, by a margin beyond the noise of this script, moves into model.py or anml.py (as
-model.instance_norm did, whose double backward is written out):
-    group-norm     what it replaced: nn.GroupNorm, whose double backward autograd composes from several dozen kernels
-    no-conv-bias   the convs without their bias, which the instance norm after each one cancels exactly
-    foreach-sgd    higher's inner SGD update as one foreach add per step, not a multiply and an add per parameter
+model.instance_norm did, whose double backward is written out). Rows come likeliest winner first, so that a run cut
+short by a lent GPU's time has measured those:
     compiled-norm  model.norm_double_backward, the dozens of small kernels of the norm's double backward, compiled
                    with torch.compile into a few
     one-add-sgd    higher's inner SGD update as one add (p.add(g, alpha=-lr)) per parameter, not a multiply and an add
     channels-last  the conv weights, and so every activation after them, in channels-last memory format
-    adam-outside   (CUDA) the graph holds the meta-gradient only, Adam steps eagerly after it: what train_omni.py
-                   does under torchrun, where the all-reduce of the gradients comes between the two
+    no-conv-bias   the convs without their bias, which the instance norm after each one cancels exactly
+    foreach-sgd    higher's inner SGD update as one foreach add per step, not a multiply and an add per parameter
+    group-norm     what model.instance_norm replaced: nn.GroupNorm, whose double backward autograd composes from
+                   several dozen kernels
+    adam-outside   (CUDA, right after today's row) the graph holds the meta-gradient only, Adam steps eagerly after
+                   it: what train_omni.py does under torchrun, where the all-reduce of the gradients comes between the
+                   two
+On CUDA today's row is followed by its replay's costliest kernels by name.
 """
 from __future__ import annotations
 
@@ -111,15 +115,15 @@ def _all_of(*variants: str):
 
 VARIANTS: dict[str, Callable[[], contextlib.AbstractContextManager]] = {
     "today": contextlib.nullcontext,
-    "group-norm": lambda: patched(model.ConvBlock, "forward", group_norm),
-    "no-conv-bias": lambda: patched(model.ConvBlock, "forward", no_conv_bias),
-    "foreach-sgd": lambda: patched(higher.optim.DifferentiableSGD, "_update", foreach_sgd_update),
     "compiled-norm": lambda: patched(model, "norm_double_backward", compiled_norm_double_backward),
-    "compiled-norm + no-conv-bias + foreach-sgd": lambda: _all_of("compiled-norm", "no-conv-bias", "foreach-sgd"),
+    "compiled-norm + no-conv-bias + one-add-sgd": lambda: _all_of("compiled-norm", "no-conv-bias", "one-add-sgd"),
     "one-add-sgd": lambda: patched(higher.optim.DifferentiableSGD, "_update", one_add_sgd_update),
     # meta_step looks meta_gradient up in anml at each call, so patching it there reaches both.
     "channels-last": lambda: patched(anml, "meta_gradient", channels_last(anml.meta_gradient)),
-    "no-conv-bias + foreach-sgd": lambda: _all_of("no-conv-bias", "foreach-sgd"),
+    "no-conv-bias + one-add-sgd": lambda: _all_of("no-conv-bias", "one-add-sgd"),
+    "no-conv-bias": lambda: patched(model.ConvBlock, "forward", no_conv_bias),
+    "foreach-sgd": lambda: patched(higher.optim.DifferentiableSGD, "_update", foreach_sgd_update),
+    "group-norm": lambda: patched(model.ConvBlock, "forward", group_norm),
 }
 
 
