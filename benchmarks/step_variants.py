@@ -12,6 +12,7 @@ short by a lent GPU's time has measured those:
                    with torch.compile into a few
     one-add-sgd    higher's inner SGD update as one add (p.add(g, alpha=-lr)) per parameter, not a multiply and an add
     channels-last  the conv weights, and so every activation after them, in channels-last memory format
+    unfold-conv    each conv as a matrix product of its weights with the 3x3 patches of its input
     no-conv-bias   the convs without their bias, which the instance norm after each one cancels exactly
     foreach-sgd    higher's inner SGD update as one foreach add per step, not a multiply and an add per parameter
     group-norm     what model.instance_norm replaced: nn.GroupNorm, whose double backward autograd composes from
@@ -57,6 +58,16 @@ def group_norm(block: model.ConvBlock, x: torch.Tensor) -> torch.Tensor:
 def no_conv_bias(block: model.ConvBlock, x: torch.Tensor) -> torch.Tensor:
     return _finish(block, model.instance_norm(F.conv2d(x, block.conv.weight), block.norm.weight, block.norm.bias,
                                               block.norm.eps))
+
+
+def unfold_conv(block: model.ConvBlock, x: torch.Tensor) -> torch.Tensor:
+    """The block's conv as one matrix product of its weights with the image's 3x3 patches (F.unfold), where cuDNN
+    computes a batch-1 conv with few thread blocks; autograd then differentiates products and (un)folds."""
+    n, _, h, w = x.shape
+    conv = block.conv
+    out = conv.weight.flatten(1) @ F.unfold(x, conv.kernel_size)  # (n, out channels, positions)
+    out = out.view(n, -1, h - 2, w - 2) + conv.bias.view(-1, 1, 1)
+    return _finish(block, model.instance_norm(out, block.norm.weight, block.norm.bias, block.norm.eps))
 
 
 def foreach_sgd_update(self, grouped_grads, **kwargs) -> None:
@@ -120,6 +131,7 @@ VARIANTS: dict[str, Callable[[], contextlib.AbstractContextManager]] = {
     "one-add-sgd": lambda: patched(higher.optim.DifferentiableSGD, "_update", one_add_sgd_update),
     # meta_step looks meta_gradient up in anml at each call, so patching it there reaches both.
     "channels-last": lambda: patched(anml, "meta_gradient", channels_last(anml.meta_gradient)),
+    "unfold-conv": lambda: patched(model.ConvBlock, "forward", unfold_conv),
     "no-conv-bias + one-add-sgd": lambda: _all_of("no-conv-bias", "one-add-sgd"),
     "no-conv-bias": lambda: patched(model.ConvBlock, "forward", no_conv_bias),
     "foreach-sgd": lambda: patched(higher.optim.DifferentiableSGD, "_update", foreach_sgd_update),
