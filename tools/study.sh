@@ -3,9 +3,10 @@
 # thread each, in ~/anml_runs/NAME (outside the repository; NAME.out beside it holds the progress).
 #   bash tools/study.sh              # start or resume every run below
 #   bash tools/study.sh status       # each run's last logged iteration, and whether it is running
-#   bash tools/study.sh eval 9999    # meta-test each run's checkpoint of that iteration: 100 and 600 classes, the
-#                                    # rates below, 1 selection and 3 reported runs each (the reported runs are
-#                                    # the classes and splits of README's milestone table); JSON in trained_anmls/study/
+#   bash tools/study.sh eval 9999    # meta-test each run's checkpoint of that iteration, side by side (stop the
+#                                    # training first): 100 and 600 classes, the rates below, 1 selection and 3
+#                                    # reported runs each (the reported runs are the classes and splits of README's
+#                                    # milestone table); JSON in trained_anmls/study/, output in ~/anml_runs/
 # Stop a run with Ctrl-C's signal, which saves first: pkill -INT -f 'train_omni.py'
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -22,11 +23,18 @@ RATES=(0.0003 0.0005 0.0008 0.001 0.0012 0.0016 0.002)
 if [ "${1:-}" = eval ]; then
     it=${2:?give the checkpoint iteration to meta-test, e.g. bash tools/study.sh eval 9999}
     mkdir -p trained_anmls/study
-    for name in "${RUNS[@]}"; do
+    for name in "${RUNS[@]}"; do  # side by side, a thread each, the output into ~/anml_runs/NAME_eval_IT.out
         "$python" eval_omni.py -m "$runs/$name/256_112_2304_ANML-$it.pth" -c 100 600 -l "${RATES[@]}" -r 3 \
-            --select-runs 1 -d cpu --out "trained_anmls/study/${name}_$it.json" | tail -4
+            --select-runs 1 -d cpu --out "trained_anmls/study/${name}_$it.json" > "$runs/${name}_eval_$it.out" 2>&1 &
     done
-    exit
+    status=0
+    for _ in "${RUNS[@]}"; do
+        wait -n || status=1
+    done
+    for name in "${RUNS[@]}"; do
+        echo "$name:"; tail -n 4 "$runs/${name}_eval_$it.out"
+    done
+    exit $status
 fi
 
 running() {  # NAME: whether a train_omni.py trains into that run's folder
