@@ -164,6 +164,7 @@ VARIANTS: dict[str, Callable[[], contextlib.AbstractContextManager]] = {
     "compiled-norm + no-conv-bias + one-add-sgd": lambda: _all_of("compiled-norm", "no-conv-bias", "one-add-sgd"),
     "one-add-sgd": lambda: patched(higher.optim.DifferentiableSGD, "_update", one_add_sgd_update),
     "batched-norm": lambda: patched(model, "norm_double_backward", batched_norm_double_backward),
+    "batched-norm + no-conv-bias + one-add-sgd": lambda: _all_of("batched-norm", "no-conv-bias", "one-add-sgd"),
     # meta_step looks meta_gradient up in anml at each call, so patching it there reaches both.
     "channels-last": lambda: patched(anml, "meta_gradient", channels_last(anml.meta_gradient)),
     "unfold-conv": lambda: patched(model.ConvBlock, "forward", unfold_conv),
