@@ -6,7 +6,8 @@
 #   bash tools/study.sh eval 9999    # meta-test each run's checkpoint of that iteration, side by side (stop the
 #                                    # training first): 100 and 600 classes, the rates below, 1 selection and 3
 #                                    # reported runs each (the reported runs are the classes and splits of README's
-#                                    # milestone table); JSON in trained_anmls/study/, output in ~/anml_runs/
+#                                    # milestone table); JSON in trained_anmls/study/, output in ~/anml_runs/;
+#                                    # run again, it goes on from the runs a stopped evaluation finished
 # Stop a run with Ctrl-C's signal, which saves first: pkill -INT -f 'train_omni.py'
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -25,7 +26,8 @@ if [ "${1:-}" = eval ]; then
     mkdir -p trained_anmls/study
     for name in "${RUNS[@]}"; do  # side by side, a thread each, the output into ~/anml_runs/NAME_eval_IT.out
         "$python" eval_omni.py -m "$runs/$name/256_112_2304_ANML-$it.pth" -c 100 600 -l "${RATES[@]}" -r 3 \
-            --select-runs 1 -d cpu --out "trained_anmls/study/${name}_$it.json" > "$runs/${name}_eval_$it.out" 2>&1 &
+            --select-runs 1 -d cpu --out "trained_anmls/study/${name}_$it.json" --resume \
+            >> "$runs/${name}_eval_$it.out" 2>&1 &
     done
     status=0
     for _ in "${RUNS[@]}"; do
