@@ -66,8 +66,8 @@ def moved(old: ANML, new: ANML) -> dict[str, float]:
 @torch.no_grad()
 def direct_accuracy(model: ANML, data: Omniglot) -> np.ndarray:
     """Each background class's accuracy under the model's own weights, over all its drawings."""
-    correct = torch.cat([model(data.batch(idx)[0]).argmax(1) == data.batch(idx)[1]
-                         for idx in torch.arange(len(data.labels)).split(500)])
+    correct = torch.cat([model(ims).argmax(1) == labels
+                         for ims, labels in map(data.batch, torch.arange(len(data.labels)).split(500))])
     return (torch.bincount(data.labels, correct.double()) / torch.bincount(data.labels)).numpy()
 
 
@@ -91,8 +91,12 @@ def main() -> None:
     last, rows = redraws(config, data, args.iteration)
     weight = model.fc.weight.detach()[:data.n_classes]
     newest = int(last.argmax())
-    print(f"replay check: class {newest}'s row, re-drawn at {args.iteration}, is its draw within "
-          f"{float((weight[newest] - rows[newest]).abs().max()):.2g} (one outer step)")
+    off = float((weight[newest] - rows[newest]).abs().max())
+    if off > 10 * config.outer_lr:  # one Adam step moves an entry by about the rate; another draw, by 0.1 or more
+        sys.exit(f"error: the replay re-drew class {newest}'s row at {args.iteration}, but the checkpoint's is "
+                 f"{off:.2g} from that draw: this run drew its tasks otherwise (other code?), so its rows' ages cannot "
+                 "be told")
+    print(f"replay check: class {newest}'s row, re-drawn at {args.iteration}, is its draw within {off:.2g} (one step)")
     acc = direct_accuracy(model, data)
     distance = (weight - rows).norm(dim=1).numpy()
     age = args.iteration - last
