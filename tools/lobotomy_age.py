@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch import nn
+from torch.nn.utils import parameters_to_vector
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import checkpoints  # noqa: E402
@@ -46,10 +46,11 @@ def redraws(config: RunConfig, data: Omniglot, iteration: int) -> tuple[np.ndarr
     model = RunState.fresh(config, torch.device("cpu")).model
     last = np.full(data.n_classes, -1)
     rows = torch.zeros(data.n_classes, model.fc.weight.shape[1])
+    def record(traj_ims, traj_labels, *remember):  # in place of the meta-step: the task's class, just re-drawn
+        cls = int(traj_labels[0])
+        last[cls], rows[cls] = it, model.fc.weight[cls].detach()
+
     for it in range(iteration + 1):
-        def record(traj_ims, traj_labels, *remember):
-            cls = int(traj_labels[0])
-            last[cls], rows[cls] = it, model.fc.weight[cls].detach()
         meta_iteration(model, data, record)
     return last, rows
 
@@ -57,10 +58,11 @@ def redraws(config: RunConfig, data: Omniglot, iteration: int) -> tuple[np.ndarr
 @torch.no_grad()
 def moved(old: ANML, new: ANML) -> dict[str, float]:
     """How far the NM's and the RLN's parameters moved from `old` to `new`, relative to their size in `old`."""
-    def flat(net: nn.Module) -> torch.Tensor:
-        return torch.cat([p.flatten() for p in net.parameters()])
-    return {part: float((flat(getattr(new, part)) - flat(getattr(old, part))).norm() / flat(getattr(old, part)).norm())
-            for part in ("rln", "nm")}
+    change = {}
+    for part in ("rln", "nm"):
+        before, after = (parameters_to_vector(getattr(net, part).parameters()) for net in (old, new))
+        change[part] = float((after - before).norm() / before.norm())
+    return change
 
 
 @torch.no_grad()
