@@ -21,7 +21,8 @@ python=$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3 )
 # The run below goes on down the outer rate, the lever so far (0.003 -> 0.001 gained 0.03 at 600 classes).
 RUNS=(D_outer_lr_0.0005)
 RATES=(0.0003 0.0005 0.0008 0.001 0.0012 0.0016 0.002)
-export OMP_NUM_THREADS=$(( $(nproc) / ${#RUNS[@]} > 1 ? $(nproc) / ${#RUNS[@]} : 1 ))
+share=$(( $(nproc) / ${#RUNS[@]} ))
+export OMP_NUM_THREADS=$(( share > 0 ? share : 1 ))
 
 if [ "${1:-}" = eval ]; then
     it=${2:?give the checkpoint iteration to meta-test, e.g. bash tools/study.sh eval 9999}
