@@ -8,7 +8,8 @@
 #                                    # training first): 100 and 600 classes, the rates below, 1 selection and 3
 #                                    # reported runs each (the reported runs are the classes and splits of README's
 #                                    # milestone table); JSON in trained_anmls/study/, output in ~/anml_runs/;
-#                                    # run again, it goes on from the runs a stopped evaluation finished
+#                                    # run again, it goes on from the runs a stopped evaluation finished. Each
+#                                    # run's training log so far is copied beside its JSON, to be committed with it
 # Stop a run with Ctrl-C's signal, which saves first: pkill -INT -f 'train_omni.py'
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -29,6 +30,8 @@ if [ "${1:-}" = eval ]; then
     it=${2:?give the checkpoint iteration to meta-test, e.g. bash tools/study.sh eval 9999}
     mkdir -p trained_anmls/study
     for name in "${RUNS[@]}"; do  # side by side, the output into ~/anml_runs/NAME_eval_IT.out
+        # ~/anml_runs has been lost with a replaced machine, twice: the repository keeps the logs
+        cp "$runs/$name/training_log.csv" "trained_anmls/study/${name}_training_log.csv"
         "$python" eval_omni.py -m "$runs/$name/256_112_2304_ANML-$it.pth" -c 100 600 -l "${RATES[@]}" -r 3 \
             --select-runs 1 -d cpu --out "trained_anmls/study/${name}_$it.json" --resume \
             >> "$runs/${name}_eval_$it.out" 2>&1 &
