@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The recipe study (issue 13): start, or resume from its newest checkpoint, each run in the background, the
-# cores shared out between the runs (one run: 0.92 s an iteration on 2 cores, 1.55 s on one), in
-# ~/anml_runs/NAME (outside the repository; NAME.out beside it holds the progress).
+# cores shared out between the runs (one run on 2 cores: 0.92 s an iteration on earlier machines, 2.3 s on an EPYC
+# without AVX-512), in ~/anml_runs/NAME (outside the repository; NAME.out beside it holds the progress).
 #   bash tools/study.sh              # start or resume every run below
 #   bash tools/study.sh status       # each run's last logged iteration, and whether it is running
 #   bash tools/study.sh eval 9999    # meta-test each run's checkpoint of that iteration, side by side (stop the
