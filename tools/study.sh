@@ -30,7 +30,7 @@ if [ "${1:-}" = eval ]; then
     it=${2:?give the checkpoint iteration to meta-test, e.g. bash tools/study.sh eval 9999}
     mkdir -p trained_anmls/study
     for name in "${RUNS[@]}"; do  # side by side, the output into ~/anml_runs/NAME_eval_IT.out
-        # ~/anml_runs has been lost with a replaced machine, twice: the repository keeps the logs
+        # ~/anml_runs has been lost with a replaced machine more than once: the repository keeps the logs
         cp "$runs/$name/training_log.csv" "trained_anmls/study/${name}_training_log.csv"
         "$python" eval_omni.py -m "$runs/$name/256_112_2304_ANML-$it.pth" -c 100 600 -l "${RATES[@]}" -r 3 \
             --select-runs 1 -d cpu --out "trained_anmls/study/${name}_$it.json" --resume \
