@@ -106,9 +106,9 @@ def _read(path: Path, what: str, keys: tuple[str, ...]) -> dict:
 def load_anml(path: Path, device: torch.device | str = "cpu") -> ANML:
     """An ANML of the sizes in the checkpoint's name, with the checkpoint's weights."""
     path = Path(path)
-    rln, nm, mask, _ = parse_checkpoint_name(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such checkpoint; check the path, or train one with train_omni.py")
+    rln, nm, mask, _ = parse_checkpoint_name(path)
     model = ANML(rln, nm, mask)
     state = _read(path, "an ANML checkpoint", ())
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}

@@ -80,9 +80,9 @@ def check_args(args: argparse.Namespace) -> None:
         raise ValueError("--save-rates needs several --lr to choose from")
     if args.model.is_dir():
         raise ValueError(f"--model {args.model} is a folder; name a checkpoint in it")
-    parse_checkpoint_name(args.model)
     if not args.model.is_file():
         raise FileNotFoundError(f"{args.model}: no such checkpoint; check the path")
+    parse_checkpoint_name(args.model)
     for flag, path in (("--out", args.out), ("--plot", args.plot)):
         if path is not None:
             if path.is_dir():

@@ -94,10 +94,13 @@ def test_checkpoint_round_trip(tmp_path):
 
 
 def test_checkpoint_errors(tmp_path):
-    with pytest.raises(ValueError, match="name must look like"):
-        load_anml(tmp_path / "model.pth")
+    with pytest.raises(FileNotFoundError, match="no such checkpoint"):
+        load_anml(tmp_path / "model.pth")  # a path that is not there, whatever its name
     with pytest.raises(FileNotFoundError, match="no such checkpoint"):
         load_anml(tmp_path / "16_8_144_ANML-1.pth")
+    torch.save(ANML(16, 8, 144).state_dict(), tmp_path / "model.pth")
+    with pytest.raises(ValueError, match="name must look like"):
+        load_anml(tmp_path / "model.pth")
     wrong = tmp_path / "32_8_288_ANML-1.pth"
     torch.save(ANML(16, 8, 144).state_dict(), wrong)
     with pytest.raises(ValueError, match="do not match"):

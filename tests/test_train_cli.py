@@ -166,6 +166,10 @@ def folder_without_states(tmp_path, _):
     return ["--resume", tmp_path / "run"], ["holds no resumable checkpoint", "start a new run"]
 
 
+def resume_a_path_not_there(tmp_path, _):
+    return ["--resume", tmp_path / "runs" / "gpu"], ["runs/gpu: no such checkpoint", "check the path"]
+
+
 def other_sizes(tmp_path, _):
     path = tmp_path / "32_8_288_ANML-1.pth"
     torch.save(ANML(16, 8, 144).state_dict(), path)
@@ -210,7 +214,7 @@ def bad_rate(name, value):
 
 
 @pytest.mark.parametrize("case", [not_a_checkpoint, truncated_checkpoint, junk_state, state_from_a_newer_version,
-                                  folder_without_states, other_sizes,
+                                  folder_without_states, resume_a_path_not_there, other_sizes,
                                   resume_past_its_end, out_dir_is_a_file, out_dir_takes_no_file, drawing_missing,
                                   interval("--save-every", 0), interval("--log-every", 0),
                                   interval("--epochs", 0), interval("--epochs", -3), interval("--rln", 0),
