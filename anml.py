@@ -257,7 +257,8 @@ def _open_log(path: Path, start: int):
         with path.open(newline="") as f:
             rows = [r for r in list(csv.reader(f))[1:] if int(r[0]) < start]
     with path.open("w", newline="") as f:
-        csv.writer(f).writerows([["iteration", "outer_loss", "outer_accuracy"], *rows])
+        # "\n" as the rows appended below end, not the csv module's "\r\n": one line ending in the file
+        csv.writer(f, lineterminator="\n").writerows([["iteration", "outer_loss", "outer_accuracy"], *rows])
     return path.open("a", newline="")
 
 

@@ -48,7 +48,7 @@ def test_resume_gives_the_uninterrupted_run(tmp_path, omniglot_root):
     a = torch.load(whole / "16_8_144_ANML-4.pth", weights_only=True)
     b = torch.load(parts / "16_8_144_ANML-4.pth", weights_only=True)
     assert all(torch.equal(a[k], b[k]) for k in a)
-    assert (whole / "training_log.csv").read_text() == (parts / "training_log.csv").read_text()
+    assert (whole / "training_log.csv").read_bytes() == (parts / "training_log.csv").read_bytes()
 
 
 def test_several_seeds_train_together_and_resume_together(tmp_path, omniglot_root):
