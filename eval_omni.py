@@ -313,4 +313,5 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
+    runtime.flush_denormals()  # first, before any parallel work: see its docstring
     main()

@@ -12,9 +12,11 @@ import torch.nn.functional as F
 
 import eval_omni
 import meta_test
-from checkpoints import checkpoint_name
+import runtime
+from checkpoints import checkpoint_name, load_anml
 from model import ANML
 from tests.conftest import REPO, assert_one_line_error
+from tests.test_shipped_model import run_features, shipped_model
 
 SIZES = (32, 16, 288)
 
@@ -114,6 +116,39 @@ def test_fc_bias_stays_as_loaded_and_weight_is_redrawn(small_model, small_featur
     assert abs(weight.std().item() - (2 / SIZES[2]) ** 0.5) < 0.05 * (2 / SIZES[2]) ** 0.5
     untrained = meta_test.meta_test_runs(small_model, small_features, evaluation, 3, lr=1e-30, seeds=[0])
     torch.testing.assert_close(untrained.bias[0], small_model.fc.bias.detach())
+
+
+def halved_smallest_normals() -> torch.Tensor:
+    """2**-127, a denormal, a million times over: enough elements that every OpenMP worker computes some."""
+    return torch.full((1 << 20,), 2.0 ** -126) * 0.5
+
+
+@pytest.mark.parametrize("flush", [True, False])
+def test_a_new_thread_flushes_denormals_as_told(flush):
+    nonzero = runtime.call_in_new_thread(lambda: halved_smallest_normals().count_nonzero().item(), flush)
+    assert nonzero == (0 if flush else 1 << 20)
+
+
+def test_eval_omni_flushes_denormals_in_every_thread():
+    """eval_omni.py as a command, in a process of its own (stopped by bad input before any work): the OpenMP workers
+    made after it flush denormals too."""
+    code = ("import runpy, sys, torch; sys.argv = ['eval_omni.py', '-c', '0']\n"
+            "try: runpy.run_path('eval_omni.py', run_name='__main__')\n"
+            "except SystemExit as stop: print(stop, file=sys.stderr)\n"
+            "torch.set_num_threads(2); print((torch.full((1 << 20,), 2.0 ** -126) * 0.5).count_nonzero().item())")
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert "--classes 0" in result.stderr and result.stdout.split() == ["0"], result.stderr
+
+
+def test_flushing_denormals_changes_no_run(evaluation):
+    """The shipped model's runs end as they do with denormals kept (they are what flushing makes 4.6x faster)."""
+    model = load_anml(shipped_model()).eval()
+    features = run_features(model, evaluation, 50, seed=3)
+    run = lambda: meta_test.meta_test_runs(model, features, evaluation, 50, 0.001, [3])
+    flushed, kept = (runtime.call_in_new_thread(run, flush) for flush in (True, False))
+    torch.testing.assert_close(flushed.weight, kept.weight)
+    torch.testing.assert_close(flushed.bias, kept.bias)
+    assert flushed.test_accuracy.item() == pytest.approx(kept.test_accuracy.item(), abs=1e-6)
 
 
 def test_fc_accuracy_averages_over_classes():

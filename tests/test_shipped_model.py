@@ -19,13 +19,19 @@ def shipped_model() -> Path:
     return models[-1]
 
 
-def small_evaluation(model: ANML, data, n_classes: int, seed: int) -> float:
-    """Test accuracy of one meta-test run, with features computed for its drawings only."""
+def run_features(model: ANML, data, n_classes: int, seed: int) -> torch.Tensor:
+    """Gated features of the drawings that the meta-test run of this seed uses (zeros for the others)."""
     train_idx, test_idx = sample_meta_test(data, n_classes, 15, torch.Generator().manual_seed(seed))
     used = torch.cat([train_idx.flatten(), test_idx.flatten()])
     features = torch.zeros(len(data.labels), model.fc.in_features)
     with torch.no_grad():
         features[used] = model.features(data.batch(used)[0])
+    return features
+
+
+def small_evaluation(model: ANML, data, n_classes: int, seed: int) -> float:
+    """Test accuracy of one meta-test run, with features computed for its drawings only."""
+    features = run_features(model, data, n_classes, seed)
     return meta_test.meta_test_runs(model, features, data, n_classes, 0.001, [seed]).test_accuracy.item()
 
 
