@@ -32,6 +32,7 @@ class _NormBackward(torch.autograd.Function):
     @staticmethod
     def forward(ctx, g, x, w, mean, rstd):
         n, c = x.shape[:2]
+        g = g.contiguous(memory_format=_norm_layout(x))
         ctx.save_for_backward(g, x, w, mean, rstd)
         return aten.native_group_norm_backward(g, x, mean, rstd, w, n, c, x[0, 0].numel(), c, [True] * 3)
 
@@ -64,10 +65,20 @@ def norm_double_backward(g: torch.Tensor, x: torch.Tensor, w: torch.Tensor, mean
     return d_g, d_x, d_w
 
 
+def _norm_layout(x: torch.Tensor) -> torch.memory_format:
+    """The memory layout PyTorch's group norm kernels take their input and its gradient in, as F.group_norm and its
+    autograd formula pass them: channels-last on a CPU only. The kernels called directly, as here, do not all convert
+    them themselves: PyTorch 2.11's CPU backward, given a gradient in another layout than the input's, silently
+    returns wrong gradients."""
+    channels_last = x.is_cpu and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+    return torch.channels_last if channels_last else torch.contiguous_format
+
+
 class _InstanceNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, w, b, eps):
         n, c = x.shape[:2]
+        x = x.contiguous(memory_format=_norm_layout(x))
         out, mean, rstd = aten.native_group_norm(x, w, b, n, c, x[0, 0].numel(), c, eps)
         ctx.save_for_backward(x, w, mean, rstd)
         return out

@@ -74,6 +74,28 @@ def test_instance_norm_is_group_norm_to_the_second_derivative():
                                    second_derivatives(lambda x, w, b: F.group_norm(x, 3, w, b), outer))
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA device"))])
+@pytest.mark.parametrize("x_layout, g_layout", [(x, g) for x in ("contiguous", "channels-last")
+                                                for g in ("contiguous", "channels-last")])
+def test_instance_norm_is_group_norm_in_any_memory_layout(device, x_layout, g_layout):
+    """The channels-last candidate (benchmarks/step_variants.py) feeds the norm channels-last activations, and its
+    gradients come back in either layout: the norm must not depend on either."""
+    torch.manual_seed(0)
+    layout = {"contiguous": torch.contiguous_format, "channels-last": torch.channels_last}
+    x = (torch.randn(2, 3, 5, 5, dtype=torch.float64, device=device) * 2 + 3).contiguous(
+        memory_format=layout[x_layout]).requires_grad_()
+    w = torch.rand(3, dtype=torch.float64, device=device).add(0.5).requires_grad_()
+    b = torch.randn(3, dtype=torch.float64, device=device, requires_grad=True)
+    g = torch.randn(2, 3, 5, 5, dtype=torch.float64, device=device).contiguous(memory_format=layout[g_layout])
+
+    def derivatives(norm):  # first derivatives for the gradient g, then those differentiated, as the outer step does
+        first = torch.autograd.grad(norm(x, w, b), (x, w, b), g, create_graph=True)
+        return first, torch.autograd.grad(sum((d.cos() * d).sum() for d in first), (x, w))  # b: its own, none
+
+    torch.testing.assert_close(derivatives(instance_norm), derivatives(lambda x, w, b: F.group_norm(x, 3, w, b)))
+
+
 @pytest.mark.parametrize("size", [26, 11, 3])
 def test_max_pool_without_autograd_is_max_pool2d(size):
     x = torch.randn(2, 4, size, size)
