@@ -4,6 +4,8 @@ import sys
 import pytest
 import torch
 
+from anml import RunConfig, RunState
+from checkpoints import load_anml
 from datasets import sample_meta_train
 from model import ANML
 from tests.conftest import REPO
@@ -11,6 +13,7 @@ from tests.conftest import REPO
 sys.path.append(str(REPO / "benchmarks"))  # after the repository, whose meta_test.py a benchmark shares a name with
 import batched_runs  # noqa: E402
 import step_variants  # noqa: E402
+import train_variant  # noqa: E402
 
 
 @pytest.mark.parametrize("variant", [v for v in step_variants.VARIANTS if v != "today"])
@@ -40,3 +43,19 @@ def test_batched_runs_step_each_run_as_its_own_meta_step(background):
     for net, task, grads in zip(nets, tasks, batched_runs.batched_gradients(nets, tasks)):
         worst, name = step_variants.worst_difference(grads, step_variants.gradients(net, task))
         assert worst < 1e-9, name
+
+
+def test_train_variant_trains_with_the_variant_in_place(tmp_path, omniglot_root):
+    """`no-conv-bias` leaves the conv biases out of the step, so Adam leaves them as drawn; today's step moves them
+    (Adam takes their rounding-noise gradients to steps of the full rate)."""
+    config = RunConfig(rln=16, nm=8, mask=144, seed=3)
+    drawn = RunState.fresh(config, torch.device("cpu")).model
+    flags = ["--rln", "16", "--nm", "8", "--mask", "144", "--seed", "3", "--epochs", "2", "-d", "cpu",
+             "--data-root", str(omniglot_root), "--out-dir"]
+    for variant in ("no-conv-bias", "today"):
+        train_variant.main([variant, *flags, str(tmp_path / variant)])
+    for variant, moved in (("no-conv-bias", False), ("today", True)):
+        trained = load_anml(tmp_path / variant / "16_8_144_ANML-1.pth")
+        for block in ("convBlock1", "convBlock2", "convBlock3"):
+            before, after = (getattr(net.rln, block).conv.bias for net in (drawn, trained))
+            assert torch.equal(before, after) != moved, (variant, block)

@@ -13,6 +13,8 @@
 #            together   train_omni.py --seed 1 2 3 4 (four runs, a stream each) against one run, end to end
 #            variants   benchmarks/step_variants.py (candidate changes to the step, timed as graphs, kernels counted;
 #                       the costliest kernels of today's replay by name)
+#            best       after variants: the timing of `timing` with the candidate that replayed fastest there in
+#                       place (benchmarks/train_variant.py), its log as best_log.csv
 #            batched    benchmarks/batched_runs.py (several runs batched into one network)
 #            streams    benchmarks/concurrent_runs.py (several runs' graphs at once), then again without a cuBLAS
 #                       workspace
@@ -42,14 +44,27 @@ newest() {  # the checkpoint of runs/gpu's newest resumable save
     python3 -c "import checkpoints; print(checkpoints.newest_resumable('runs/gpu'))"
 }
 
-timed_run() {  # iterations, out-dir, [flags]: the wall seconds of a whole train_omni.py run, start-up included
+train=(python3 train_omni.py)  # what timed_run runs: train_omni.py, or it with a candidate in place (best)
+
+timed_run() {  # iterations, out-dir, [flags]: the wall seconds of a whole training run, start-up included
     local start iterations=$1 out=$2
     shift 2
     start=$(date +%s.%N)
-    within 200 python3 train_omni.py --epochs "$iterations" --out-dir "$out" -d cuda --no-download "$@" > /dev/null \
+    within 200 "${train[@]}" --epochs "$iterations" --out-dir "$out" -d cuda --no-download "$@" > /dev/null \
         2>> "$OUT/timing.txt" ||
-        echo "train_omni.py --epochs $iterations $* failed or ran out of time" >> "$OUT/timing.txt"
+        echo "${train[*]} --epochs $iterations $* failed or ran out of time" >> "$OUT/timing.txt"
     python3 -c "import time; print(f'{time.time() - $start:.1f}')"
+}
+
+time_training() {  # log, csv: 100 and 2,000 iterations of "${train[@]}" timed, the difference per iteration
+    local short long
+    rm -rf /tmp/t100 /tmp/t2000
+    short=$(timed_run 100 /tmp/t100)
+    long=$(timed_run 2000 /tmp/t2000)
+    [ -f /tmp/t2000/training_log.csv ] || return 0
+    echo "$(cat "$OUT/card.txt"): ${train[*]:1} 100 iterations ${short} s, 2000 iterations ${long} s, so" \
+         "$(python3 -c "print(f'{($long - $short) / 1900 * 1000:.1f}')") ms an iteration end to end" | tee -a "$1"
+    cp /tmp/t2000/training_log.csv "$2"
 }
 
 ends_at=$((SECONDS + ${SECONDS_LEFT:-540}))
@@ -70,15 +85,7 @@ run_step() {  # STEP: one step of the list in the header, its output into $OUT/S
     benchmark)
         within 150 python3 benchmarks/meta_step.py -d cuda --iterations 20 2>&1 | tail -8 | tee "$log" || true ;;
     timing)
-        rm -rf /tmp/t100 /tmp/t2000
-        local short long
-        short=$(timed_run 100 /tmp/t100)
-        long=$(timed_run 2000 /tmp/t2000)
-        [ -f /tmp/t2000/training_log.csv ] || return 0
-        echo "$(cat "$OUT/card.txt"): train_omni.py 100 iterations ${short} s, 2000 iterations ${long} s, so" \
-             "$(python3 -c "print(f'{($long - $short) / 1900 * 1000:.1f}')") ms an iteration end to end" |
-            tee -a "$log"
-        cp /tmp/t2000/training_log.csv "$OUT/timing_log.csv" ;;
+        time_training "$log" "$OUT/timing_log.csv" ;;
     together)
         rm -rf /tmp/g1 /tmp/g1l /tmp/g4 /tmp/g4l
         local one one_long four four_long
@@ -91,6 +98,18 @@ print(f'$(cat "$OUT/card.txt"): train_omni.py end to end, iterations 100-1,099: 
       f'second of one run')" | tee -a "$log" ;;
     variants)
         within 300 python3 benchmarks/step_variants.py -d cuda --iterations 10 2>&1 | tee "$log" || true ;;
+    best)
+        local variant
+        variant=$(sed -n "s/^fastest graph: //p" "$OUT/variants.txt" 2> /dev/null || true)
+        if [ -z "$variant" ] || [ "$variant" = today ]; then
+            echo "no candidate replayed faster than today's step in variants.txt" | tee "$log"
+            return 0
+        fi
+        train=(python3 benchmarks/train_variant.py "$variant")
+        # Untimed first: it fills Inductor's on-disk caches, which would else speed the second timed run alone.
+        rm -rf /tmp/warm; timed_run 5 /tmp/warm > /dev/null
+        time_training "$log" "$OUT/best_log.csv"
+        train=(python3 train_omni.py) ;;
     batched)
         within 120 python3 benchmarks/batched_runs.py -d cuda --iterations 10 2>&1 | tail -5 | tee "$log" || true ;;
     streams)
