@@ -178,9 +178,10 @@ VARIANTS: dict[str, Callable[[], contextlib.AbstractContextManager]] = {
 
 
 # The largest relative gradient difference from today's that float32 rounding explains, amplified by the 20 inner
-# steps: the candidates gave 5e-6 to 1.3e-5 on the H200 and up to 5.3e-5 on the 2-core CPU. A wrong gradient would
-# be far off; tests/test_step_variants.py checks each candidate's in float64.
-GRADIENT_TOLERANCE = 1e-3
+# steps: the candidates differed from today's by 5e-6 to 1.3e-5 on the H200, and on the 2-core CPU today's float32
+# step differed from a float64 one by up to 4.6e-4. A wrong gradient is far off (PyTorch 2.11's mixed-layout norm
+# gave 3.2); tests/test_step_variants.py checks each candidate's exactly, in float64.
+GRADIENT_TOLERANCE = 1e-2
 
 
 def gradients(net: model.ANML, task, variant: str = "today") -> dict[str, torch.Tensor]:
