@@ -9,6 +9,7 @@ from checkpoints import load_anml
 from datasets import sample_meta_train
 from model import ANML
 from tests.conftest import REPO
+from tests.test_train_cli import SMALL
 
 sys.path.append(str(REPO / "benchmarks"))  # after the repository, whose meta_test.py a benchmark shares a name with
 import batched_runs  # noqa: E402
@@ -50,8 +51,7 @@ def test_train_variant_trains_with_the_variant_in_place(tmp_path, omniglot_root)
     (Adam takes their rounding-noise gradients to steps of the full rate)."""
     config = RunConfig(rln=16, nm=8, mask=144, seed=3)
     drawn = RunState.fresh(config, torch.device("cpu")).model
-    flags = ["--rln", "16", "--nm", "8", "--mask", "144", "--seed", "3", "--epochs", "2", "-d", "cpu",
-             "--data-root", str(omniglot_root), "--out-dir"]
+    flags = [*SMALL, "--epochs", "2", "--data-root", str(omniglot_root), "--out-dir"]
     for variant in ("no-conv-bias", "today"):
         train_variant.main([variant, *flags, str(tmp_path / variant)])
     for variant, moved in (("no-conv-bias", False), ("today", True)):

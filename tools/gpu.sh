@@ -44,7 +44,7 @@ newest() {  # the checkpoint of runs/gpu's newest resumable save
     python3 -c "import checkpoints; print(checkpoints.newest_resumable('runs/gpu'))"
 }
 
-train=(python3 train_omni.py)  # what timed_run runs: train_omni.py, or it with a candidate in place (best)
+train=(python3 train_omni.py)  # what timed_run runs (the best step runs a candidate in its place)
 
 timed_run() {  # iterations, out-dir, [flags]: the wall seconds of a whole training run, start-up included
     local start iterations=$1 out=$2
@@ -105,11 +105,10 @@ print(f'$(cat "$OUT/card.txt"): train_omni.py end to end, iterations 100-1,099: 
             echo "no candidate replayed faster than today's step in variants.txt" | tee "$log"
             return 0
         fi
-        train=(python3 benchmarks/train_variant.py "$variant")
+        local train=(python3 benchmarks/train_variant.py "$variant")  # what timed_run runs, until this step returns
         # Untimed first: it fills Inductor's on-disk caches, which would else speed the second timed run alone.
         rm -rf /tmp/warm; timed_run 5 /tmp/warm > /dev/null
-        time_training "$log" "$OUT/best_log.csv"
-        train=(python3 train_omni.py) ;;
+        time_training "$log" "$OUT/best_log.csv" ;;
     batched)
         within 120 python3 benchmarks/batched_runs.py -d cuda --iterations 10 2>&1 | tail -5 | tee "$log" || true ;;
     streams)
