@@ -23,7 +23,8 @@ short by a lent GPU's time has measured those:
                    two
 On CUDA today's row is followed by its replay's costliest kernels by name. The last line names the fastest of the
 rows whose gradients are today's within float32 rounding (GRADIENT_TOLERANCE): "fastest graph: LABEL" on CUDA, which
-tools/gpu.sh's `best` step then times end to end with benchmarks/train_variant.py.
+tools/gpu.sh's `best` step then times end to end with benchmarks/train_variant.py. SIGTERM or Ctrl-C stops the table
+early, and the line then names the fastest of the rows measured.
 """
 from __future__ import annotations
 
@@ -32,6 +33,7 @@ import collections
 import contextlib
 import copy
 import functools
+import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -242,11 +244,11 @@ def kernel_table(step, task, rows: int = 15) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--iterations", type=int, default=5, help="timed iterations per path (plus warm-up)")
     p.add_argument("-d", "--device", choices=["cpu", "cuda"])
-    args = p.parse_args()
+    args = p.parse_args(argv)
     if args.iterations < 1:
         p.error("--iterations must be at least 1")
     device = runtime.set_up(args.device)
@@ -262,18 +264,27 @@ def main() -> None:
     print(f"{'variant':<42}{'worst gradient':>16}{'eager s':>10}" + (f"{'graph s':>10}{'kernels':>9}{'kernel ms':>11}"
                                                                       if cuda else f"{'aten ops':>10}"))
     times = {}
-    for label, variant in VARIANTS.items():
-        try:
-            print(variant_row(label, variant, net, tasks, reference, times), flush=True)
-        except Exception as err:  # a candidate that fails (to compile, to capture) must not cost the others' rows
-            print(f"{label:<42}failed: {type(err).__name__}: {str(err).strip().splitlines()[0]}", flush=True)
-        if label == "today" and cuda:
-            print(adam_outside_row(net, tasks, times), flush=True)
-            today = graphed_meta_step(net)
-            for task in tasks[:cuda_graph.WARMUP + 1]:  # eager, then captured
-                today(*task)
-            print(kernel_table(today, tasks[0]), flush=True)
-    print(f"fastest {'graph' if cuda else 'step'}: {min(times, key=times.get)}")
+    # The time limit tools/gpu.sh gives this script ends it with SIGTERM: that, like Ctrl-C, stops the table where it
+    # is, and the last line still names the fastest of the rows measured, for gpu.sh's `best` step.
+    previous_handler = signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        for label, variant in VARIANTS.items():
+            try:
+                print(variant_row(label, variant, net, tasks, reference, times), flush=True)
+            except Exception as err:  # a candidate that fails (to compile, to capture) must not cost the others' rows
+                print(f"{label:<42}failed: {type(err).__name__}: {str(err).strip().splitlines()[0]}", flush=True)
+            if label == "today" and cuda:
+                print(adam_outside_row(net, tasks, times), flush=True)
+                today = graphed_meta_step(net)
+                for task in tasks[:cuda_graph.WARMUP + 1]:  # eager, then captured
+                    today(*task)
+                print(kernel_table(today, tasks[0]), flush=True)
+    except KeyboardInterrupt:
+        print("stopped (SIGTERM or Ctrl-C): the rows above are all that were measured", flush=True)
+    finally:
+        signal.signal(signal.SIGTERM, previous_handler)
+    if times:
+        print(f"fastest {'graph' if cuda else 'step'}: {min(times, key=times.get)}")
 
 
 def graphed_meta_step(net: model.ANML) -> cuda_graph.CudaGraphed:

@@ -1,4 +1,6 @@
 """What benchmarks/step_variants.py and batched_runs.py time on a GPU computes today's meta-gradient."""
+import os
+import signal
 import sys
 
 import pytest
@@ -59,3 +61,25 @@ def test_train_variant_trains_with_the_variant_in_place(tmp_path, omniglot_root)
         for block in ("convBlock1", "convBlock2", "convBlock3"):
             before, after = (getattr(net.rln, block).conv.bias for net in (drawn, trained))
             assert torch.equal(before, after) != moved, (variant, block)
+
+
+def test_a_stopped_variants_table_still_names_the_fastest_row(omniglot_root, monkeypatch, capsys):
+    """tools/gpu.sh's time limit ends the benchmark with SIGTERM; its `best` step reads the last line, which must
+    name the fastest of the rows measured before it."""
+    seconds = {"today": 2.0, "compiled-norm": 1.0, "compiled-norm + no-conv-bias + one-add-sgd": 0.5}
+    stop_at = list(step_variants.VARIANTS)[3]
+
+    def row(label, variant, net, tasks, reference, times):
+        if label == stop_at:
+            os.kill(os.getpid(), signal.SIGTERM)
+        times[label] = seconds.get(label, 0.1)
+        return label
+
+    monkeypatch.setattr(step_variants.model, "ANML", lambda: ANML(16, 8, 144))
+    monkeypatch.setattr(step_variants, "variant_row", row)
+    handler = signal.getsignal(signal.SIGTERM)
+    step_variants.main(["--iterations", "1"])
+    lines = capsys.readouterr().out.splitlines()
+    assert stop_at not in lines and lines[-2].startswith("stopped")
+    assert lines[-1] == "fastest step: compiled-norm + no-conv-bias + one-add-sgd"
+    assert signal.getsignal(signal.SIGTERM) is handler

@@ -73,7 +73,7 @@ within() {  # LIMIT COMMAND...: the command under LIMIT seconds or the time left
     local left=$((ends_at - SECONDS)) limit=$1; shift
     [ "$left" -lt "$limit" ] && limit=$left
     [ "$limit" -ge 10 ] || { echo "skipped for want of time: $*" >&2; return; }
-    timeout "$limit" "$@"
+    timeout -k 20 "$limit" "$@"  # SIGTERM, then SIGKILL 20 s on if the command is hung
 }
 
 run_step() {  # STEP: one step of the list in the header, its output into $OUT/STEP.txt (a call brings back 8 files)
