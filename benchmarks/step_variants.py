@@ -10,6 +10,9 @@ model.instance_norm did, whose double backward is written out). Rows come likeli
 short by a lent GPU's time has measured those:
     compiled-norm  model.norm_double_backward, the dozens of small kernels of the norm's double backward, compiled
                    with torch.compile into a few
+    flat-sgd       higher's inner SGD update on one flat tensor of RLN + fc (the parameters its pieces), in a multiply
+                   and an add per step, not two a parameter; in the outer backward one concatenation gathers the
+                   pieces' gradients, where each parameter took an add and a multiply of its own
     one-add-sgd    higher's inner SGD update as one add (p.add(g, alpha=-lr)) per parameter, not a multiply and an add
     batched-norm   model.norm_double_backward with its full-size work in two batched matrix products (no compiler)
     channels-last  the conv weights, and so every activation after them, in channels-last memory format
@@ -93,6 +96,25 @@ def one_add_sgd_update(self, grouped_grads, **kwargs) -> None:
                 group["params"][i] = group["params"][i].add(g, alpha=-group["lr"])
 
 
+def flat_sgd_update(self, grouped_grads, **kwargs) -> None:
+    """higher's DifferentiableSGD update, p + (-lr g) in higher's arithmetic, on one flat tensor of the parameters
+    that have a gradient, which are then its pieces: a multiply and an add per inner step, where higher takes two a
+    parameter, and in the outer backward one concatenation of the pieces' gradients where each parameter took an add
+    and a multiply of its own."""
+    flats = self.__dict__.setdefault("flats", {})  # group -> (flat tensor, its pieces as the group's parameters)
+    for i, (group, grads) in enumerate(zip(self.param_groups, grouped_grads)):
+        live = [j for j, g in enumerate(grads) if g is not None]
+        params = [group["params"][j] for j in live]
+        flat, pieces = flats.get(i, (None, []))
+        if len(pieces) != len(params) or any(p is not q for p, q in zip(params, pieces)):  # the first step
+            flat = torch.cat([p.reshape(-1) for p in params])
+        flat = flat + -group["lr"] * torch.cat([grads[j].reshape(-1) for j in live])
+        pieces = [x.view_as(p) for x, p in zip(flat.split([p.numel() for p in params]), params)]
+        flats[i] = flat, pieces
+        for j, piece in zip(live, pieces):
+            group["params"][j] = piece
+
+
 def channels_last(meta_gradient: Callable) -> Callable:
     """meta_gradient with the model's conv weights first made channels-last, in place (once: after that it is a
     no-op, so a graph captures none of it). The convolutions then write channels-last activations, which the norm,
@@ -164,11 +186,13 @@ def _all_of(*variants: str):
 
 VARIANTS: dict[str, Callable[[], contextlib.AbstractContextManager]] = {
     "today": contextlib.nullcontext,
+    "compiled-norm + no-conv-bias + flat-sgd": lambda: _all_of("compiled-norm", "no-conv-bias", "flat-sgd"),
     "compiled-norm": lambda: patched(model, "norm_double_backward", compiled_norm_double_backward),
+    "flat-sgd": lambda: patched(higher.optim.DifferentiableSGD, "_update", flat_sgd_update),
     "compiled-norm + no-conv-bias + one-add-sgd": lambda: _all_of("compiled-norm", "no-conv-bias", "one-add-sgd"),
     "one-add-sgd": lambda: patched(higher.optim.DifferentiableSGD, "_update", one_add_sgd_update),
     "batched-norm": lambda: patched(model, "norm_double_backward", batched_norm_double_backward),
-    "batched-norm + no-conv-bias + one-add-sgd": lambda: _all_of("batched-norm", "no-conv-bias", "one-add-sgd"),
+    "batched-norm + no-conv-bias + flat-sgd": lambda: _all_of("batched-norm", "no-conv-bias", "flat-sgd"),
     # meta_step looks meta_gradient up in anml at each call, so patching it there reaches both.
     "channels-last": lambda: patched(anml, "meta_gradient", channels_last(anml.meta_gradient)),
     "unfold-conv": lambda: patched(model.ConvBlock, "forward", unfold_conv),
