@@ -7,12 +7,14 @@ step launches (aten operators on a CPU; kernels and their summed time on CUDA, o
 The candidates are the issue's ways to fewer, fatter kernels on a GPU, where a replay is bound by its thousands of
 tiny kernels; one that wins there, by a margin beyond the noise of this script, moves into model.py or anml.py (as
 model.instance_norm did, whose double backward is written out). Rows come likeliest winner first, so that a run cut
-short by a lent GPU's time has measured those:
+short by a lent GPU's time has measured those, and a row of several candidates joined by " + " has them all:
     compiled-norm  model.norm_double_backward, the dozens of small kernels of the norm's double backward, compiled
                    with torch.compile into a few
     flat-sgd       higher's inner SGD update on one flat tensor of RLN + fc (the parameters its pieces), in a multiply
                    and an add per step, not two a parameter; in the outer backward one concatenation gathers the
                    pieces' gradients, where each parameter took an add and a multiply of its own
+    lean-relu-pool ReLU and max-pool with backwards of their own, whose double backward leaves out the zero gradient
+                   that autograd's gives (and fills and adds) their saved tensors in every inner step
     one-add-sgd    higher's inner SGD update as one add (p.add(g, alpha=-lr)) per parameter, not a multiply and an add
     batched-norm   model.norm_double_backward with its full-size work in two batched matrix products (no compiler)
     channels-last  the conv weights, and so every activation after them, in channels-last memory format
@@ -115,6 +117,70 @@ def flat_sgd_update(self, grouped_grads, **kwargs) -> None:
             group["params"][j] = piece
 
 
+class _ReLU(torch.autograd.Function):
+    """F.relu with its backward a function of its own: autograd's double backward of ReLU's backward also gives a
+    gradient to the ReLU's output that is always zero, which it fills and adds in every inner step."""
+
+    @staticmethod
+    def forward(ctx, x):
+        out = torch.relu(x)
+        ctx.save_for_backward(out)
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        return _ReLUBackward.apply(g, *ctx.saved_tensors)
+
+
+class _ReLUBackward(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, g, out):
+        ctx.save_for_backward(out)
+        return model.aten.threshold_backward(g, out, 0)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, a):
+        return model.aten.threshold_backward(a, *ctx.saved_tensors, 0), None
+
+
+class _MaxPool(torch.autograd.Function):
+    """model.max_pool under autograd, with its backward a function of its own: autograd's double backward of
+    max-pooling's backward also gives its input a gradient that is always zero, filled and added in every inner
+    step."""
+
+    @staticmethod
+    def forward(ctx, x):
+        out, indices = model.aten.max_pool2d_with_indices(x, [2, 2], [2, 2])
+        ctx.save_for_backward(x, indices)
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        return _MaxPoolBackward.apply(g, *ctx.saved_tensors)
+
+
+class _MaxPoolBackward(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, g, x, indices):
+        ctx.save_for_backward(indices)
+        return model.aten.max_pool2d_with_indices_backward(g, x, [2, 2], [2, 2], [0, 0], [1, 1], False, indices)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, a):
+        (indices,) = ctx.saved_tensors
+        return a.flatten(2).gather(2, indices.flatten(2)).view_as(indices), None, None
+
+
+def lean_relu_pool() -> contextlib.ExitStack:
+    """ReLU and max-pool as _ReLU and _MaxPool wherever the blocks call them (F.relu, model.max_pool)."""
+    stack = contextlib.ExitStack()
+    stack.enter_context(patched(F, "relu", _ReLU.apply))
+    stack.enter_context(patched(model, "max_pool", _MaxPool.apply))
+    return stack
+
+
 def channels_last(meta_gradient: Callable) -> Callable:
     """meta_gradient with the model's conv weights first made channels-last, in place (once: after that it is a
     no-op, so a graph captures none of it). The convolutions then write channels-last activations, which the norm,
@@ -186,21 +252,24 @@ def _all_of(*variants: str):
 
 VARIANTS: dict[str, Callable[[], contextlib.AbstractContextManager]] = {
     "today": contextlib.nullcontext,
-    "compiled-norm + no-conv-bias + flat-sgd": lambda: _all_of("compiled-norm", "no-conv-bias", "flat-sgd"),
+    "compiled-norm + no-conv-bias + flat-sgd + lean-relu-pool":
+        lambda: _all_of("compiled-norm", "no-conv-bias", "flat-sgd", "lean-relu-pool"),
     "compiled-norm": lambda: patched(model, "norm_double_backward", compiled_norm_double_backward),
     "flat-sgd": lambda: patched(higher.optim.DifferentiableSGD, "_update", flat_sgd_update),
+    "lean-relu-pool": lean_relu_pool,
     "compiled-norm + no-conv-bias + one-add-sgd": lambda: _all_of("compiled-norm", "no-conv-bias", "one-add-sgd"),
     "one-add-sgd": lambda: patched(higher.optim.DifferentiableSGD, "_update", one_add_sgd_update),
     "batched-norm": lambda: patched(model, "norm_double_backward", batched_norm_double_backward),
-    "batched-norm + no-conv-bias + flat-sgd": lambda: _all_of("batched-norm", "no-conv-bias", "flat-sgd"),
+    "batched-norm + no-conv-bias + flat-sgd + lean-relu-pool":
+        lambda: _all_of("batched-norm", "no-conv-bias", "flat-sgd", "lean-relu-pool"),
     # meta_step looks meta_gradient up in anml at each call, so patching it there reaches both.
     "channels-last": lambda: patched(anml, "meta_gradient", channels_last(anml.meta_gradient)),
     "unfold-conv": lambda: patched(model.ConvBlock, "forward", unfold_conv),
-    "no-conv-bias + one-add-sgd": lambda: _all_of("no-conv-bias", "one-add-sgd"),
     "no-conv-bias": lambda: patched(model.ConvBlock, "forward", no_conv_bias),
     "foreach-sgd": lambda: patched(higher.optim.DifferentiableSGD, "_update", foreach_sgd_update),
     "group-norm": lambda: patched(model.ConvBlock, "forward", group_norm),
 }
+LABEL_WIDTH = max(map(len, VARIANTS)) + 2
 
 
 # The largest relative gradient difference from today's that float32 rounding explains, amplified by the 20 inner
@@ -285,8 +354,8 @@ def main(argv: list[str] | None = None) -> None:
     reference = gradients(net, tasks[0])
     name = torch.cuda.get_device_name(device) if cuda else "cpu"
     print(f"device {device} ({name}), {torch.get_num_threads()} threads, median of the iterations after warm-up")
-    print(f"{'variant':<42}{'worst gradient':>16}{'eager s':>10}" + (f"{'graph s':>10}{'kernels':>9}{'kernel ms':>11}"
-                                                                      if cuda else f"{'aten ops':>10}"))
+    columns = f"{'graph s':>10}{'kernels':>9}{'kernel ms':>11}" if cuda else f"{'aten ops':>10}"
+    print(f"{'variant':<{LABEL_WIDTH}}{'worst gradient':>16}{'eager s':>10}{columns}")
     times = {}
     # The time limit tools/gpu.sh gives this script ends it with SIGTERM: that, like Ctrl-C, stops the table where it
     # is, and the last line still names the fastest of the rows measured, for gpu.sh's `best` step.
@@ -296,7 +365,8 @@ def main(argv: list[str] | None = None) -> None:
             try:
                 print(variant_row(label, variant, net, tasks, reference, times), flush=True)
             except Exception as err:  # a candidate that fails (to compile, to capture) must not cost the others' rows
-                print(f"{label:<42}failed: {type(err).__name__}: {str(err).strip().splitlines()[0]}", flush=True)
+                reason = f"{type(err).__name__}: {(str(err).strip().splitlines() or [''])[0]}"
+                print(f"{label:<{LABEL_WIDTH}}failed: {reason}", flush=True)
             if label == "today" and cuda:
                 print(adam_outside_row(net, tasks, times), flush=True)
                 today = graphed_meta_step(net)
@@ -329,7 +399,7 @@ def variant_row(label: str, variant: Callable, net: model.ANML, tasks: list, ref
         eager_net = copy.deepcopy(net)
         eager = functools.partial(anml.meta_step, eager_net, torch.optim.Adam(eager_net.parameters(), lr=0.001))
         t_eager = seconds_per_step(eager, tasks, device)
-        row = f"{label:<42}{worst:>16.1e}{t_eager:>10.4f}"
+        row = f"{label:<{LABEL_WIDTH}}{worst:>16.1e}{t_eager:>10.4f}"
         if device.type == "cuda":
             graphed = graphed_meta_step(net)
             t_graph = seconds_per_step(graphed, tasks, device, warmup=cuda_graph.WARMUP + 1)
@@ -353,7 +423,7 @@ def adam_outside_row(net: model.ANML, tasks: list, times: dict) -> str:
     outside = cuda_graph.graphed_gradient(functools.partial(anml.meta_gradient, outside_net), outside_opt)
     t_graph = seconds_per_step(outside, tasks, tasks[0][0].device, warmup=cuda_graph.WARMUP + 1)
     kernels, kernel_ms = kernels_per_step(outside, tasks[0])
-    return (f"{'adam-outside':<42}{'':>16}{'':>10}{t_graph:>10.4f}{kernels:>9}{kernel_ms:>11.1f}   "
+    return (f"{'adam-outside':<{LABEL_WIDTH}}{'':>16}{'':>10}{t_graph:>10.4f}{kernels:>9}{kernel_ms:>11.1f}   "
             f"{times['today'] / t_graph:.2f}x today's graph")
 
 
