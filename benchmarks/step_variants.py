@@ -173,12 +173,11 @@ class _MaxPoolBackward(torch.autograd.Function):
         return a.flatten(2).gather(2, indices.flatten(2)).view_as(indices), None, None
 
 
-def lean_relu_pool() -> contextlib.ExitStack:
+@contextlib.contextmanager
+def lean_relu_pool():
     """ReLU and max-pool as _ReLU and _MaxPool wherever the blocks call them (F.relu, model.max_pool)."""
-    stack = contextlib.ExitStack()
-    stack.enter_context(patched(F, "relu", _ReLU.apply))
-    stack.enter_context(patched(model, "max_pool", _MaxPool.apply))
-    return stack
+    with patched(F, "relu", _ReLU.apply), patched(model, "max_pool", _MaxPool.apply):
+        yield
 
 
 def channels_last(meta_gradient: Callable) -> Callable:
