@@ -284,9 +284,10 @@ def train_together(states: list[RunState], data: Omniglot, out_dirs: list[Path],
 
     Each run draws from its own random state (RunState.rng), so each gives the results it gives alone. On CUDA each
     run works on a CUDA stream of its own, so that the GPU runs one run's replay while another's is launched: one
-    replay fills a fraction of a GPU. Graphs on several streams hang with PyTorch's cuBLAS workspaces (README), so
-    that needs CUBLAS_WORKSPACE_CONFIG=:0:0 in the environment before CUDA starts. Ctrl-C stops every run after its
-    iteration of the round under way, each saved. Not under torchrun, whose workers share one run.
+    replay fills a fraction of a GPU. Graphs on several streams hang with PyTorch's cuBLAS workspaces
+    (benchmarks/README.md), so that needs CUBLAS_WORKSPACE_CONFIG=:0:0 in the environment before CUDA starts. Ctrl-C
+    stops every run after its iteration of the round under way, each saved. Not under torchrun, whose workers share
+    one run.
     """
     streams = len(states) > 1 and states[0].model.fc.weight.is_cuda
     if len(states) > 1 and workers.world_size() > 1:

@@ -94,7 +94,7 @@ def instance_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps
 
     Its backward is PyTorch's one fused kernel, and that backward's own backward, which the outer step takes through
     every inner step, is written out in a dozen operations where autograd composes several dozen: on a GPU, where a
-    graphed iteration is bound by its thousands of small kernels, that made it 1.17x faster (README, On a GPU).
+    graphed iteration is bound by its thousands of small kernels, that made it 1.17x faster (benchmarks/README.md).
     """
     return _InstanceNorm.apply(x, weight, bias, eps)
 

@@ -180,7 +180,8 @@ def main(argv: list[str] | None = None) -> None:
             args.resume = [checkpoints.newest_resumable(c) if c.is_dir() else c for c in args.resume]
         dirs = out_dirs(args)
         check_args(args, dirs)  # before torchrun's rendezvous, so that no worker can have begun a log yet
-        if len(dirs) > 1:  # before CUDA starts: graphs on several streams hang with cuBLAS workspaces (README)
+        # Before CUDA starts: graphs on several streams hang with cuBLAS workspaces (benchmarks/README.md).
+        if len(dirs) > 1:
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":0:0")
         device = runtime.set_up(args.device)
         if dist.is_torchelastic_launched():

@@ -12,7 +12,8 @@ is captured on torch.cuda.graph's one default capture stream, while PyTorch keep
 stream; so a third mode captures each graph on a stream of its own, with whichever workspace setting is given. A
 watchdog prints every thread's stack and ends the process when a phase runs past --watchdog seconds.
 On a GPU the losses do not show exactness: two replays of one run are not bitwise equal there, and 20 Adam steps
-amplify that (one run replayed on its own stream strays 1e-1 from itself replayed alone); README has the figures.
+amplify that (one run replayed on its own stream strays 1e-1 from itself replayed alone); benchmarks/README.md has
+the figures.
 """
 from __future__ import annotations
 

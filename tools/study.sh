@@ -17,7 +17,7 @@ runs=~/anml_runs
 export OMNIGLOT_ROOT=${OMNIGLOT_ROOT:-$PWD/../shared/omniglot}
 python=$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3 )
 
-# Ran to 29,999 (README, "The recipe study"): A_outer_lr_0.001, C_outer_lr_0.001_kaiming (--conv-init kaiming),
+# Ran to 29,999 (trained_anmls/study/README.md): A_outer_lr_0.001, C_outer_lr_0.001_kaiming (--conv-init kaiming),
 # A_outer_lr_0.001_seed_2 (--seed 2), B_outer_lr_0.003_cosine (--outer-lr 0.003 --outer-lr-schedule cosine),
 # D_outer_lr_0.0005 (--outer-lr 0.0005) and, last, the run below, a third seed of A's recipe. The study is finished:
 # the outer rate's best is 0.001, and the three seeds of that recipe end 0.015 apart at 600 classes. The list keeps
