@@ -6,8 +6,8 @@
 #   bash tools/study.sh status       # each run's last logged iteration, and whether it is running
 #   bash tools/study.sh eval 9999    # meta-test each run's checkpoint of that iteration, side by side (stop the
 #                                    # training first): 100 and 600 classes, the rates below, 1 selection and 3
-#                                    # reported runs each (the reported runs are the classes and splits of README's
-#                                    # milestone table); JSON in trained_anmls/study/, output in ~/anml_runs/;
+#                                    # reported runs each (the reported runs are the classes and splits of the old
+#                                    # model's milestone table); JSON in trained_anmls/study/, output in ~/anml_runs/;
 #                                    # run again, it goes on from the runs a stopped evaluation finished. Each
 #                                    # run's training log so far is copied beside its JSON, to be committed with it
 # Stop a run with Ctrl-C's signal, which saves first: pkill -INT -f 'train_omni.py'
