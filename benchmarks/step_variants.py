@@ -398,20 +398,18 @@ def variant_row(label: str, variant: Callable, net: model.ANML, tasks: list, ref
         eager_net = copy.deepcopy(net)
         eager = functools.partial(anml.meta_step, eager_net, torch.optim.Adam(eager_net.parameters(), lr=0.001))
         t_eager = seconds_per_step(eager, tasks, device)
-        row = f"{label:<{LABEL_WIDTH}}{worst:>16.1e}{t_eager:>10.4f}"
         if device.type == "cuda":
             graphed = graphed_meta_step(net)
-            t_graph = seconds_per_step(graphed, tasks, device, warmup=cuda_graph.WARMUP + 1)
+            t, path = seconds_per_step(graphed, tasks, device, warmup=cuda_graph.WARMUP + 1), "graph"
             kernels, kernel_ms = kernels_per_step(graphed, tasks[0])
-            if worst < GRADIENT_TOLERANCE:
-                times[label] = t_graph
-            return row + (f"{t_graph:>10.4f}{kernels:>9}{kernel_ms:>11.1f}   "
-                          f"{times['today'] / t_graph:.2f}x today's graph")
-        # Compiled code cannot run under the mode that counts operators, and runs none of them one by one.
-        ops = "" if "compiled" in label else ops_per_step(eager, tasks[0])
-        if worst < GRADIENT_TOLERANCE:
-            times[label] = t_eager
-        return row + f"{ops:>10}   {times['today'] / t_eager:.2f}x today's step"
+            counts = f"{t:>10.4f}{kernels:>9}{kernel_ms:>11.1f}"
+        else:
+            t, path = t_eager, "step"
+            # Compiled code cannot run under the mode that counts operators, and runs none of them one by one.
+            counts = f"{'' if 'compiled' in label else ops_per_step(eager, tasks[0]):>10}"
+    if worst < GRADIENT_TOLERANCE:
+        times[label] = t
+    return f"{label:<{LABEL_WIDTH}}{worst:>16.1e}{t_eager:>10.4f}{counts}   {times['today'] / t:.2f}x today's {path}"
 
 
 def adam_outside_row(net: model.ANML, tasks: list, times: dict) -> str:
