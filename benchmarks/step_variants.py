@@ -28,8 +28,9 @@ short by a lent GPU's time has measured those, and a row of several candidates j
                    two
 On CUDA today's row is followed by its replay's costliest kernels by name. The last line names the fastest of the
 rows whose gradients are today's within float32 rounding (GRADIENT_TOLERANCE): "fastest graph: LABEL" on CUDA, which
-tools/gpu.sh's `best` step then times end to end with benchmarks/train_variant.py. SIGTERM or Ctrl-C stops the table
-early, and the line then names the fastest of the rows measured.
+tools/gpu.sh's `best` step then times end to end with benchmarks/train_variant.py. A row that fails (a candidate that
+does not compile or capture) prints why and the table goes on; SIGTERM or Ctrl-C stops the table early, and the last
+line then names the fastest of the rows measured.
 """
 from __future__ import annotations
 
@@ -40,7 +41,7 @@ import copy
 import functools
 import signal
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import higher
@@ -323,10 +324,13 @@ def kernels_per_step(step, task) -> tuple[int, float]:
     return len(events), sum(e.time_range.elapsed_us() for e in events) / 1000
 
 
-def kernel_table(step, task, rows: int = 15) -> str:
-    """The kernels of one call that take the most time in all, by name: where a replay's time goes."""
+def kernel_table(net: model.ANML, tasks: list, rows: int = 15) -> str:
+    """The kernels of one replay of today's step that take the most time in all, by name: where its time goes."""
+    today = graphed_meta_step(net)
+    for task in tasks[:cuda_graph.WARMUP + 1]:  # eager, then captured
+        today(*task)
     count, us = collections.Counter(), collections.Counter()
-    for e in device_events(step, task):
+    for e in device_events(today, tasks[0]):
         count[e.name] += 1
         us[e.name] += e.time_range.elapsed_us()
     total = sum(us.values())
@@ -360,24 +364,28 @@ def main(argv: list[str] | None = None) -> None:
     # is, and the last line still names the fastest of the rows measured, for gpu.sh's `best` step.
     previous_handler = signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
-        for label, variant in VARIANTS.items():
+        for label, row in table(net, tasks, reference, times, cuda):
             try:
-                print(variant_row(label, variant, net, tasks, reference, times), flush=True)
-            except Exception as err:  # a candidate that fails (to compile, to capture) must not cost the others' rows
+                print(row(), flush=True)
+            except Exception as err:  # a row that fails (to compile, to capture) must not cost the others
                 reason = f"{type(err).__name__}: {(str(err).strip().splitlines() or [''])[0]}"
                 print(f"{label:<{LABEL_WIDTH}}failed: {reason}", flush=True)
-            if label == "today" and cuda:
-                print(adam_outside_row(net, tasks, times), flush=True)
-                today = graphed_meta_step(net)
-                for task in tasks[:cuda_graph.WARMUP + 1]:  # eager, then captured
-                    today(*task)
-                print(kernel_table(today, tasks[0]), flush=True)
     except KeyboardInterrupt:
         print("stopped (SIGTERM or Ctrl-C): the rows above are all that were measured", flush=True)
     finally:
         signal.signal(signal.SIGTERM, previous_handler)
     if times:
         print(f"fastest {'graph' if cuda else 'step'}: {min(times, key=times.get)}")
+
+
+def table(net: model.ANML, tasks: list, reference: dict, times: dict, cuda: bool) -> Iterator[tuple[str, Callable]]:
+    """The table's rows in order, each a label and what prints it: a row per variant, and on CUDA after today's the
+    `adam-outside` row and today's costliest kernels."""
+    for label, variant in VARIANTS.items():
+        yield label, functools.partial(variant_row, label, variant, net, tasks, reference, times)
+        if label == "today" and cuda:
+            yield "adam-outside", functools.partial(adam_outside_row, net, tasks, times)
+            yield "today's kernels", functools.partial(kernel_table, net, tasks)
 
 
 def graphed_meta_step(net: model.ANML) -> cuda_graph.CudaGraphed:

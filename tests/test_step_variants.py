@@ -83,3 +83,25 @@ def test_a_stopped_variants_table_still_names_the_fastest_row(omniglot_root, mon
     assert labels[3] not in lines and lines[-2].startswith("stopped")
     assert lines[-1] == f"fastest step: {labels[2]}"
     assert signal.getsignal(signal.SIGTERM) is handler
+
+
+def test_a_failing_row_costs_the_variants_table_no_other_row(omniglot_root, monkeypatch, capsys):
+    """A candidate that fails to compile or capture on the lent GPU, or a CUDA row after today's (`adam-outside`,
+    today's kernels), prints why, and the rows after it are still measured and the fastest still named."""
+    labels = list(step_variants.VARIANTS)
+    on_cuda = [label for label, _ in step_variants.table(None, [], {}, {}, cuda=True)]
+    assert on_cuda[:3] == ["today", "adam-outside", "today's kernels"] and on_cuda[3:] == labels[1:]
+
+    def row(label, variant, net, tasks, reference, times):
+        if label == labels[1]:
+            raise RuntimeError("captured a synchronisation\nsecond line")
+        times[label] = 1.0 / (1 + labels.index(label))
+        return label
+
+    monkeypatch.setattr(step_variants.model, "ANML", lambda: ANML(16, 8, 144))
+    monkeypatch.setattr(step_variants, "variant_row", row)
+    step_variants.main(["--iterations", "1"])
+    lines = capsys.readouterr().out.splitlines()
+    failed = f"{labels[1]:<{step_variants.LABEL_WIDTH}}failed: RuntimeError: captured a synchronisation"
+    assert failed in lines and lines.index(failed) < lines.index(labels[-1])
+    assert lines[-1] == f"fastest step: {labels[-1]}"
