@@ -63,6 +63,14 @@ def test_train_variant_trains_with_the_variant_in_place(tmp_path, omniglot_root)
             assert torch.equal(before, after) != moved, (variant, block)
 
 
+def table_lines(monkeypatch, capsys, row) -> list[str]:
+    """The lines step_variants.main prints on this CPU with `row` in place of variant_row (a small ANML)."""
+    monkeypatch.setattr(step_variants.model, "ANML", lambda: ANML(16, 8, 144))
+    monkeypatch.setattr(step_variants, "variant_row", row)
+    step_variants.main(["--iterations", "1"])
+    return capsys.readouterr().out.splitlines()
+
+
 def test_a_stopped_variants_table_still_names_the_fastest_row(omniglot_root, monkeypatch, capsys):
     """tools/gpu.sh's time limit ends the benchmark with SIGTERM; its `best` step reads the last line, which must
     name the fastest of the rows measured before it."""
@@ -75,11 +83,8 @@ def test_a_stopped_variants_table_still_names_the_fastest_row(omniglot_root, mon
         times[label] = seconds[label]
         return label
 
-    monkeypatch.setattr(step_variants.model, "ANML", lambda: ANML(16, 8, 144))
-    monkeypatch.setattr(step_variants, "variant_row", row)
     handler = signal.getsignal(signal.SIGTERM)
-    step_variants.main(["--iterations", "1"])
-    lines = capsys.readouterr().out.splitlines()
+    lines = table_lines(monkeypatch, capsys, row)
     assert labels[3] not in lines and lines[-2].startswith("stopped")
     assert lines[-1] == f"fastest step: {labels[2]}"
     assert signal.getsignal(signal.SIGTERM) is handler
@@ -98,10 +103,7 @@ def test_a_failing_row_costs_the_variants_table_no_other_row(omniglot_root, monk
         times[label] = 1.0 / (1 + labels.index(label))
         return label
 
-    monkeypatch.setattr(step_variants.model, "ANML", lambda: ANML(16, 8, 144))
-    monkeypatch.setattr(step_variants, "variant_row", row)
-    step_variants.main(["--iterations", "1"])
-    lines = capsys.readouterr().out.splitlines()
+    lines = table_lines(monkeypatch, capsys, row)
     failed = f"{labels[1]:<{step_variants.LABEL_WIDTH}}failed: RuntimeError: captured a synchronisation"
     assert failed in lines and lines.index(failed) < lines.index(labels[-1])
     assert lines[-1] == f"fastest step: {labels[-1]}"
