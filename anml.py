@@ -1,4 +1,5 @@
 """ANML meta-training: a differentiable inner loop with `higher` on RLN + fc, an Adam outer step on everything.
+The same meta-training serves SANML, ANML without its NM (RunConfig.treatment).
 
 Read top to bottom: the run's config, the lobotomy, one meta-training step (a task's meta-gradient, then Adam) and
 the plain loop it equals, one iteration (sampling included), the step eager or graphed, the outer rate, the run's
@@ -30,8 +31,9 @@ from tqdm import tqdm
 import checkpoints
 import cuda_graph
 import workers
+from runtime import Stopped
 from datasets import Omniglot, sample_meta_train
-from model import ANML, Plastic, kaiming_conv_init
+from model import ANML, SANML, Plastic, build_model, kaiming_conv_init, model_sizes
 
 log = logging.getLogger(__name__)
 
@@ -40,9 +42,10 @@ log = logging.getLogger(__name__)
 class RunConfig:
     """A meta-training run's recipe and bookkeeping; saved in every state file and read back on resume.
 
-    The defaults are the published recipe. Runs saved before outer_lr_schedule and conv_init existed used
-    what are still their defaults.
+    The defaults are the published recipe. Runs saved before treatment, outer_lr_schedule and conv_init existed
+    used what are still their defaults.
     """
+    treatment: str = "anml"  # or "sanml": ANML without its NM, meta-trained the same way
     rln: int = 256  # RLN channels
     nm: int = 112  # NM channels
     mask: int | None = None  # gate size: 9 x rln unless given
@@ -60,6 +63,11 @@ class RunConfig:
         if self.mask is None:
             self.mask = 9 * self.rln
 
+    @property
+    def sizes(self) -> tuple[int, ...]:
+        """The sizes that build the treatment's network and name its checkpoints."""
+        return model_sizes(self.treatment, self.rln, self.nm, self.mask)
+
 
 def seed_everything(seed: int) -> None:
     random.seed(seed)
@@ -67,13 +75,13 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)  # CPU and every CUDA device
 
 
-def lobotomize(model: ANML, cls: int) -> None:
+def lobotomize(model: ANML | SANML, cls: int) -> None:
     """Re-draw the fc row of one class so the network cannot have memorised it."""
     with torch.no_grad():
         nn.init.kaiming_normal_(model.fc.weight[cls].unsqueeze(0))
 
 
-def meta_gradient(model: ANML, traj_ims: torch.Tensor, traj_labels: torch.Tensor,
+def meta_gradient(model: ANML | SANML, traj_ims: torch.Tensor, traj_labels: torch.Tensor,
                   remember_ims: torch.Tensor, remember_labels: torch.Tensor,
                   inner_lr: float = 0.1) -> tuple[torch.Tensor, torch.Tensor]:
     """The meta-gradient of one task (after the lobotomy), added into the .grad of every parameter; returns the outer
@@ -81,27 +89,28 @@ def meta_gradient(model: ANML, traj_ims: torch.Tensor, traj_labels: torch.Tensor
 
     Inner loop (train-train): one SGD step on RLN + fc per trajectory drawing, kept differentiable. Outer loss
     (train-test): the adapted network's loss on trajectory + remember set, back-propagated through the inner
-    loop into NM, RLN and fc.
+    loop into NM, RLN and fc. An SANML has no NM: RLN + fc are the whole of it.
     """
     ims = torch.cat([traj_ims, remember_ims])
     labels = torch.cat([traj_labels, remember_labels])
     # The inner loop does not update the NM, so each image's gate is the same at every step: compute it
     # once, outside the differentiable copy. Its gradient still reaches the NM through the gates, while
     # each inner step differentiates only RLN + fc, not the whole unrolled history.
-    gates = model.nm(ims)
+    gates = model.nm(ims) if isinstance(model, ANML) else None
     plastic = Plastic(model)
     inner_opt = torch.optim.SGD(plastic.parameters(), lr=inner_lr)
     with higher.innerloop_ctx(plastic, inner_opt, copy_initial_weights=False) as (fplastic, diffopt):
         for i in range(len(traj_ims)):
             step = slice(i, i + 1)
-            diffopt.step(F.cross_entropy(fplastic(traj_ims[step], gates[step]), traj_labels[step]))
+            gate = None if gates is None else gates[step]
+            diffopt.step(F.cross_entropy(fplastic(traj_ims[step], gate), traj_labels[step]))
         logits = fplastic(ims, gates)
         loss = F.cross_entropy(logits, labels)
         loss.backward()
     return loss.detach(), (logits.argmax(1) == labels).float().mean()
 
 
-def meta_step(model: ANML, outer_opt: torch.optim.Optimizer,
+def meta_step(model: ANML | SANML, outer_opt: torch.optim.Optimizer,
               traj_ims: torch.Tensor, traj_labels: torch.Tensor,
               remember_ims: torch.Tensor, remember_labels: torch.Tensor,
               inner_lr: float = 0.1) -> tuple[torch.Tensor, torch.Tensor]:
@@ -113,12 +122,12 @@ def meta_step(model: ANML, outer_opt: torch.optim.Optimizer,
     return loss_acc
 
 
-def plain_meta_step(model: ANML, outer_opt: torch.optim.Optimizer,
+def plain_meta_step(model: ANML | SANML, outer_opt: torch.optim.Optimizer,
                     traj_ims: torch.Tensor, traj_labels: torch.Tensor,
                     remember_ims: torch.Tensor, remember_labels: torch.Tensor,
                     inner_lr: float = 0.1) -> tuple[torch.Tensor, torch.Tensor]:
-    """meta_step written the obvious way, to check and time it against: the whole ANML in `higher`'s
-    differentiable copy, SGD over RLN + fc, the NM recomputed at every inner step."""
+    """meta_step written the obvious way, to check and time it against: the whole network in `higher`'s
+    differentiable copy, SGD over RLN + fc, an ANML's NM recomputed at every inner step."""
     inner_opt = torch.optim.SGD([*model.rln.parameters(), *model.fc.parameters()], lr=inner_lr)
     with higher.innerloop_ctx(model, inner_opt, copy_initial_weights=False) as (fmodel, diffopt):
         for i in range(len(traj_ims)):
@@ -133,7 +142,7 @@ def plain_meta_step(model: ANML, outer_opt: torch.optim.Optimizer,
     return loss.detach(), (logits.argmax(1) == labels).float().mean()
 
 
-def meta_iteration(model: ANML, data: Omniglot,
+def meta_iteration(model: ANML | SANML, data: Omniglot,
                    step: Callable[..., tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
     """One meta-training iteration: draw a task from torch's global generator, lobotomize its class (every worker
     receives every worker's re-drawn row under torchrun), then `step` on the task's four tensors: meta_step with its
@@ -146,12 +155,12 @@ def meta_iteration(model: ANML, data: Omniglot,
     return step(*data.batch(traj), *data.batch(remember))
 
 
-def eager_step(model: ANML, outer_opt: torch.optim.Optimizer, inner_lr: float) -> Callable:
+def eager_step(model: ANML | SANML, outer_opt: torch.optim.Optimizer, inner_lr: float) -> Callable:
     """meta_step of this model, optimizer and inner rate, as a function of the task's four tensors."""
     return functools.partial(meta_step, model, outer_opt, inner_lr=inner_lr)
 
 
-def graphed_step(model: ANML, outer_opt: torch.optim.Optimizer, inner_lr: float) -> Callable:
+def graphed_step(model: ANML | SANML, outer_opt: torch.optim.Optimizer, inner_lr: float) -> Callable:
     """eager_step replayed as a CUDA graph (CUDA only; see cuda_graph.CudaGraphed). In one process the graph holds the
     whole step, Adam included; under torchrun it holds the meta-gradient, and the all-reduce and Adam follow it
     eagerly (cuda_graph.graphed_gradient)."""
@@ -180,19 +189,23 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
             group["lr"] = lr
 
 
-def outer_optimizer(model: ANML, lr: float) -> torch.optim.Adam:
-    """Adam over all of the ANML; under torchrun it first averages the gradients across workers."""
+def outer_optimizer(model: ANML | SANML, lr: float) -> torch.optim.Adam:
+    """Adam over all of the network; under torchrun it first averages the gradients across workers."""
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     if workers.world_size() > 1:
         opt.register_step_pre_hook(workers.average_gradients)
     return opt
 
 
+class Diverged(Exception):
+    """A run's outer loss or weights became NaN or infinite; nothing from then on was saved."""
+
+
 @dataclass
 class RunState:
     """What a run needs to go on: the model, its outer optimizer, its config, the next iteration to run and the
     random state it draws from."""
-    model: ANML
+    model: ANML | SANML
     optimizer: torch.optim.Adam
     config: RunConfig
     iteration: int = 0
@@ -202,13 +215,13 @@ class RunState:
 
     @classmethod
     def fresh(cls, config: RunConfig, device: torch.device) -> RunState:
-        """A freshly initialised ANML and its outer optimizer, every generator seeded from config.seed.
+        """A freshly initialised network of the config's treatment and its outer optimizer, every generator seeded from config.seed.
 
         Under torchrun every worker starts from the same weights, then draws its tasks from a stream of its own
         (rank 0's is the single-process stream).
         """
         seed_everything(config.seed)
-        model = ANML(config.rln, config.nm, config.mask)
+        model = build_model(config.treatment, config.sizes)
         if config.conv_init == "kaiming":
             kaiming_conv_init(model)
         model = model.to(device)
@@ -236,7 +249,7 @@ class RunState:
     def checkpoint(self, out_dir: Path) -> Path:
         """Where save(out_dir) writes the weights of the iterations done so far."""
         c = self.config
-        return Path(out_dir) / checkpoints.checkpoint_name(c.rln, c.nm, c.mask, self.iteration - 1)
+        return Path(out_dir) / checkpoints.checkpoint_name(c.treatment, c.sizes, self.iteration - 1)
 
     def save(self, out_dir: Path) -> Path:
         """Checkpoint the iterations done so far; every worker must call it (it gathers each one's random state)."""
@@ -272,7 +285,9 @@ def train(state: RunState, data: Omniglot, out_dir: Path, graphed: bool = False)
     The config goes to out_dir/config.json at the start (a resume rewrites it, as it may change the bookkeeping).
     Every log_every iterations, and at the end, the mean outer loss and accuracy since the last row go to the log.
     Ctrl-C, or SIGTERM (what a batch scheduler sends before it kills), finishes the current iteration, saves, then
-    raises KeyboardInterrupt. Under torchrun each worker runs one task of the meta-batch; rank 0 logs and writes, and
+    raises runtime.Stopped (a KeyboardInterrupt) with the signal. A NaN or infinite outer loss (read where a log row or
+    a checkpoint is due) or weights (read where a checkpoint is due) raise Diverged before anything of it is saved,
+    the checkpoints before it kept as they are. Under torchrun each worker runs one task of the meta-batch; rank 0 logs and writes, and
     refuses a folder that another process is training into.
     """
     return train_together([state], data, [out_dir], graphed)[0]
@@ -286,8 +301,8 @@ def train_together(states: list[RunState], data: Omniglot, out_dirs: list[Path],
     run works on a CUDA stream of its own, so that the GPU runs one run's replay while another's is launched: one
     replay fills a fraction of a GPU. Graphs on several streams hang with PyTorch's cuBLAS workspaces
     (benchmarks/README.md), so that needs CUBLAS_WORKSPACE_CONFIG=:0:0 in the environment before CUDA starts. Ctrl-C
-    stops every run after its iteration of the round under way, each saved. Not under torchrun, whose workers share
-    one run.
+    stops every run after its iteration of the round under way, each saved; so does one run's divergence, which is
+    then raised. Not under torchrun, whose workers share one run.
     """
     streams = len(states) > 1 and states[0].model.fc.weight.is_cuda
     if len(states) > 1 and workers.world_size() > 1:
@@ -296,23 +311,31 @@ def train_together(states: list[RunState], data: Omniglot, out_dirs: list[Path],
         raise ValueError("several runs on one GPU hang with cuBLAS workspaces: set CUBLAS_WORKSPACE_CONFIG=:0:0 "
                          "before CUDA starts (train_omni.py does)")
     with contextlib.ExitStack() as cleanup:
-        interrupted = []
+        interrupted = []  # the signals received
         for stop_signal in (signal.SIGINT, signal.SIGTERM):
-            previous_handler = signal.signal(stop_signal, lambda *_: interrupted.append(True))
+            previous_handler = signal.signal(stop_signal, lambda signum, _: interrupted.append(signum))
             cleanup.callback(signal.signal, stop_signal, previous_handler)
         runs = [_Run(state, data, Path(out_dir), graphed, cleanup, streams,
                      Path(out_dir).name if len(states) > 1 else "meta-train")
                 for state, out_dir in zip(states, out_dirs)]
         going = [run for run in runs if run.state.iteration < run.state.config.epochs]
         while going:
-            going = [run for run in going if not run.iterate(interrupted)]
+            for run in list(going):
+                try:
+                    if run.iterate(interrupted):
+                        going.remove(run)
+                except Diverged:
+                    for other in going:  # the others keep what they did
+                        if other is not run:
+                            other.stop()
+                    raise
             if interrupted and len(runs) > 1:  # those that took their turn before the signal stop as they are
                 for run in going:
                     run.stop()
                 going = []
         if any(run.stopped for run in runs):
-            raise KeyboardInterrupt("; ".join(f"stopped after iteration {run.state.iteration - 1}, saved as {run.last}"
-                                              for run in runs))
+            raise Stopped("; ".join(f"stopped after iteration {run.state.iteration - 1}, saved as {run.last}"
+                                    for run in runs), interrupted[0] if interrupted else signal.SIGINT)
     return [run.last for run in runs]
 
 
@@ -333,7 +356,7 @@ class _Run:
                 tmp.write_text(json.dumps(dataclasses.asdict(config), indent=1) + "\n")
         with self.on_stream():
             self.step = (graphed_step if graphed else eager_step)(state.model, state.optimizer, config.inner_lr)
-        self.window, self.last, self.stopped = [], None, False
+        self.window, self.last, self.stopped, self.start = [], None, False, state.iteration
         self.bar = cleanup.enter_context(tqdm(initial=state.iteration, total=config.epochs, desc=desc,
                                               disable=workers.rank() > 0))
 
@@ -373,15 +396,35 @@ class _Run:
             self.keep(last_one=True)
 
     def keep(self, last_one: bool) -> None:
-        """The log row and checkpoint due after the iteration just done (both, after a run's last one)."""
+        """The log row and checkpoint due after the iteration just done (both, after a run's last one); Diverged
+        instead of a checkpoint of NaN or infinite weights, or after a log row of a NaN or infinite loss."""
         state, config, done = self.state, self.state.config, self.state.iteration
-        if self.window and (done % config.log_every == 0 or last_one):
-            loss, acc = torch.stack(self.window).double().cpu().numpy().mean(axis=0)  # read at log time only
-            if self.log_file:
-                self.log_file.write(f"{done - 1},{loss:.5f},{acc:.5f}\n")
-                self.log_file.flush()
-            self.bar.set_postfix(loss=f"{loss:.3f}", acc=f"{acc:.3f}", refresh=False)
-            self.window = []
-        if (done % config.save_every == 0 or last_one) and self.last != state.checkpoint(self.out_dir):
+        save = (done % config.save_every == 0 or last_one) and self.last != state.checkpoint(self.out_dir)
+        if self.window and (done % config.log_every == 0 or last_one or save):
+            window = torch.stack(self.window).double().cpu().numpy()  # read only when a row or checkpoint is due
+            if done % config.log_every == 0 or last_one:
+                loss, acc = window.mean(axis=0)
+                if self.log_file:
+                    self.log_file.write(f"{done - 1},{loss:.5f},{acc:.5f}\n")
+                    self.log_file.flush()
+                self.bar.set_postfix(loss=f"{loss:.3f}", acc=f"{acc:.3f}", refresh=False)
+                self.window = []
+            bad = np.flatnonzero(~np.isfinite(window[:, 0]))
+            if len(bad):
+                raise self.diverged(f"its outer loss was {window[bad[0], 0]} at iteration {done - len(window) + bad[0]}")
+        if save:
+            bad = checkpoints.first_non_finite(state.model.state_dict())
+            if bad is not None:
+                raise self.diverged(f"{bad} held NaN or infinite values after iteration {done - 1}")
             self.last = state.save(self.out_dir)
             log.info("saved %s", self.last)
+
+    def diverged(self, what: str) -> Diverged:
+        """The run's divergence, naming its last checkpoint, which stays resumable."""
+        if self.last:
+            kept = f"nothing from then on was saved: the last checkpoint, {self.last}, stays resumable"
+        elif self.start:
+            kept = f"nothing from then on was saved: iteration {self.start - 1}'s, resumed from, stays resumable"
+        else:
+            kept = "no checkpoint was saved: start again with a lower --inner-lr or --outer-lr"
+        return Diverged(f"{self.out_dir}: meta-training diverged: {what}; {kept}")

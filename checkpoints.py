@@ -1,6 +1,7 @@
 """Files: checkpoint names, the weights, the state file that --resume reads, random-number state, atomic writes."""
 from __future__ import annotations
 
+import logging
 import os
 import random
 import re
@@ -10,30 +11,51 @@ import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
 
-from model import ANML
+from model import ANML, SANML, build_model
 
 if sys.platform != "win32":
     import fcntl
 
-CHECKPOINT_NAME = re.compile(r"^(\d+)_(\d+)_(\d+)_ANML-(\d+)\.pth$")
+log = logging.getLogger(__name__)
+
+# Each treatment's checkpoint name: its sizes (model.model_sizes), its name, the iteration. ANML's is the published one.
+CHECKPOINT_NAMES = {"anml": (re.compile(r"^(\d+)_(\d+)_(\d+)_ANML-(\d+)\.pth$"), "{}_{}_{}_ANML-{}.pth"),
+                    "sanml": (re.compile(r"^(\d+)_SANML-(\d+)\.pth$"), "{}_SANML-{}.pth")}
 
 
-def checkpoint_name(rln_chs: int, nm_chs: int, mask_size: int, iteration: int) -> str:
-    return f"{rln_chs}_{nm_chs}_{mask_size}_ANML-{iteration}.pth"
+class CheckpointName(NamedTuple):
+    treatment: str
+    sizes: tuple[int, ...]
+    iteration: int
 
 
-def parse_checkpoint_name(path: Path) -> tuple[int, int, int, int]:
-    """(rln_chs, nm_chs, mask_size, iteration) from a name such as 256_112_2304_ANML-29999.pth."""
-    match = CHECKPOINT_NAME.match(Path(path).name)
-    if match is None:
+def checkpoint_name(treatment: str, sizes: tuple[int, ...], iteration: int) -> str:
+    """The file name of a treatment's checkpoint, e.g. 256_112_2304_ANML-29999.pth or 256_SANML-29999.pth."""
+    return CHECKPOINT_NAMES[treatment][1].format(*sizes, iteration)
+
+
+def parse_checkpoint_name(path: Path) -> CheckpointName | None:
+    """The treatment, sizes and iteration that a checkpoint's name gives; None for a name that is no checkpoint's."""
+    for treatment, (pattern, _) in CHECKPOINT_NAMES.items():
+        match = pattern.match(Path(path).name)
+        if match:
+            *sizes, iteration = map(int, match.groups())
+            return CheckpointName(treatment, tuple(sizes), iteration)
+    return None
+
+
+def read_checkpoint_name(path: Path) -> CheckpointName:
+    """parse_checkpoint_name, refusing a name that is no checkpoint's."""
+    name = parse_checkpoint_name(path)
+    if name is None:
         raise ValueError(f"{path}: checkpoint name must look like 256_112_2304_ANML-29999.pth "
-                         "(RLN_NM_MASK_ANML-ITER.pth); rename it")
-    rln, nm, mask, iteration = map(int, match.groups())
-    return rln, nm, mask, iteration
+                         "(RLN_NM_MASK_ANML-ITER.pth) or 256_SANML-29999.pth (RLN_SANML-ITER.pth); rename it")
+    return name
 
 
 def state_path(checkpoint: Path) -> Path:
@@ -59,6 +81,8 @@ def check_writable(folder: Path, flag: str, given: Path) -> None:
     """Refuse now, naming `flag` and its value, a folder (or, until it exists, its nearest existing parent) that takes
     no file, rather than after the work whose results it was to hold."""
     existing = next(p for p in (folder, *folder.parents) if p.exists())
+    if not existing.is_dir():
+        raise ValueError(f"{flag} {given}: {existing} is a file, not a folder; give another {flag}")
     try:
         tempfile.TemporaryFile(dir=existing).close()
     except OSError as err:
@@ -87,6 +111,20 @@ def save_atomic(obj: object, path: Path) -> None:
         torch.save(obj, tmp)
 
 
+def read_cache(path: Path) -> object | None:
+    """A cache entry that torch.save wrote, or None where there is none or it is damaged (truncated, or another
+    file): a cache is a copy, so the caller computes it again and rewrites it, with one line here saying so."""
+    if not path.is_file():
+        return None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # pickle, zip and torch errors alike: not a file that torch.save finished
+        log.warning("cache %s is damaged (%s); computing it again", path, type(err).__name__)
+        return None
+
+
 def _read(path: Path, what: str, keys: tuple[str, ...]) -> dict:
     """torch.load of a dict holding `keys`; anything else (text, a truncated file, another object) is an error
     that names the file."""
@@ -103,26 +141,36 @@ def _read(path: Path, what: str, keys: tuple[str, ...]) -> dict:
     return obj
 
 
-def load_anml(path: Path, device: torch.device | str = "cpu") -> ANML:
-    """An ANML of the sizes in the checkpoint's name, with the checkpoint's weights."""
+def load_model(path: Path, device: torch.device | str = "cpu") -> ANML | SANML:
+    """The network of the treatment and sizes in the checkpoint's name, with the checkpoint's weights."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such checkpoint; check the path, or train one with train_omni.py")
-    rln, nm, mask, _ = parse_checkpoint_name(path)
-    model = ANML(rln, nm, mask)
-    state = _read(path, "an ANML checkpoint", ())
+    name = read_checkpoint_name(path)
+    model = build_model(name.treatment, name.sizes)
+    described = f"{type(model).__name__}({', '.join(map(str, name.sizes))})"
+    state = _read(path, f"{'an' if name.treatment == 'anml' else 'a'} {type(model).__name__} checkpoint", ())
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     found = {k: tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__ for k, v in state.items()}
     mismatch = next((k for k in [*expected, *found] if expected.get(k) != found.get(k)), None)
     if mismatch is not None:
-        raise ValueError(f"{path}: weights do not match an ANML({rln}, {nm}, {mask}) as its name says: "
+        raise ValueError(f"{path}: weights do not match an {described} as its name says: "
                          f"{mismatch} is {found.get(mismatch, 'missing')}, the model wants "
                          f"{expected.get(mismatch, 'no such key')}")
+    bad = first_non_finite(state)
+    if bad is not None:
+        raise ValueError(f"{path}: {bad} holds non-finite values (NaN or inf): the run that saved it diverged; use an "
+                         "earlier checkpoint of it")
     model.load_state_dict(state)
     return model.to(device)
 
 
-def save_run(path: Path, model: ANML, optimizer: dict, rng: list[dict], config: dict, iteration: int) -> None:
+def first_non_finite(tensors: dict[str, torch.Tensor]) -> str | None:
+    """The name of the first tensor holding a NaN or an infinity, else None."""
+    return next((name for name, t in tensors.items() if t.is_floating_point() and not t.isfinite().all()), None)
+
+
+def save_run(path: Path, model: ANML | SANML, optimizer: dict, rng: list[dict], config: dict, iteration: int) -> None:
     """The weights as a plain state_dict at `path`, and beside them the state file: iteration, optimizer state,
     every worker's random state and the run's config. Both are written atomically."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -131,16 +179,16 @@ def save_run(path: Path, model: ANML, optimizer: dict, rng: list[dict], config: 
     save_atomic({k: v.detach().cpu() for k, v in model.state_dict().items()}, path)
 
 
-def load_run(checkpoint: Path, device: torch.device) -> tuple[ANML, dict]:
+def load_run(checkpoint: Path, device: torch.device) -> tuple[ANML | SANML, dict]:
     """The weights of a checkpoint and its state file (iteration, optimizer, rng, settings), checked to belong
     together."""
     checkpoint = Path(checkpoint)
-    model = load_anml(checkpoint, device)
+    model = load_model(checkpoint, device)
     if not state_path(checkpoint).is_file():
         raise FileNotFoundError(f"{state_path(checkpoint)} is missing: resuming needs the state file saved beside "
                                 "the checkpoint; start a fresh run instead")
     state = _read(state_path(checkpoint), "a run's state file", ("iteration", "optimizer", "rng", "settings"))
-    if state["iteration"] != parse_checkpoint_name(checkpoint)[3]:
+    if state["iteration"] != read_checkpoint_name(checkpoint).iteration:
         raise ValueError(f"{state_path(checkpoint)} belongs to iteration {state['iteration']}, "
                          f"not to {checkpoint.name}")
     return model, state
@@ -154,17 +202,25 @@ def remove_temporaries(folder: Path) -> None:
 
 def _state_files(folder: Path) -> list[Path]:
     """The state files of the checkpoints in `folder`, oldest iteration first."""
-    matches = [(CHECKPOINT_NAME.match(checkpoint_of(p).name), p) for p in Path(folder).glob("*.state.pth")]
-    return [p for _, p in sorted((int(match[4]), p) for match, p in matches if match)]
+    names = [(parse_checkpoint_name(checkpoint_of(p)), p) for p in Path(folder).glob("*.state.pth")]
+    return [p for _, p in sorted((name.iteration, p) for name, p in names if name)]
 
 
 def newest_resumable(folder: Path) -> Path:
-    """The checkpoint of the newest iteration in `folder` that has its state file beside it."""
+    """The checkpoint of the newest iteration in `folder` whose weights and state file both load; a newer one that
+    does not (a damaged file) is passed over with a warning naming it and why."""
     states = _state_files(folder)
     if not states:
         raise FileNotFoundError(f"{folder} holds no resumable checkpoint (a NAME.pth with its NAME.state.pth); "
                                 "name a checkpoint, or start a new run")
-    return checkpoint_of(states[-1])
+    for state in reversed(states):
+        try:
+            load_run(checkpoint_of(state), torch.device("cpu"))
+            return checkpoint_of(state)
+        except (OSError, ValueError) as err:
+            log.warning("passing over %s: %s", checkpoint_of(state).name, err)
+    raise ValueError(f"{folder}: none of its {len(states)} resumable checkpoints loads (see the warnings above); "
+                     "start a new run")
 
 
 def prune_states(folder: Path, keep: int) -> None:

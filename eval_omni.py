@@ -7,6 +7,7 @@ import datetime
 import hashlib
 import json
 import logging
+import math
 import os
 import shlex
 import shutil
@@ -20,7 +21,7 @@ from tqdm import tqdm
 
 import meta_test
 import runtime
-from checkpoints import atomic_path, check_writable, load_anml, parse_checkpoint_name
+from checkpoints import atomic_path, check_writable, load_model, read_checkpoint_name
 from datasets import find_root, load_split
 
 SHIPPED_MODEL = Path(__file__).resolve().parent / "trained_anmls" / "256_112_2304_ANML-29999.pth"
@@ -33,7 +34,7 @@ def published_lr(n_classes: int) -> float:
     return 0.001 if n_classes <= 100 else 0.0008
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("-m", "--model", type=Path, default=SHIPPED_MODEL,
                    help="checkpoint (default the shipped trained_anmls/256_112_2304_ANML-29999.pth)")
@@ -59,7 +60,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--save-rates", action="store_true",
                    help="write the rates chosen on the selection runs beside the model (MODEL.json), for later "
                         "evaluations without --lr")
-    return p.parse_args(argv)
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    return parser().parse_args(argv)
 
 
 def check_args(args: argparse.Namespace) -> None:
@@ -70,8 +75,8 @@ def check_args(args: argparse.Namespace) -> None:
     if not 1 <= args.train_examples <= 19:
         raise ValueError(f"--train-examples {args.train_examples} is outside 1..19 (each class has 20 drawings)")
     for lr in args.lr or []:
-        if not lr > 0:
-            raise ValueError(f"--lr {lr} is not a positive learning rate")
+        if not 0 < lr < math.inf:
+            raise ValueError(f"--lr {lr} is not a positive finite learning rate")
     if args.runs < 1 or args.select_runs < 1:
         raise ValueError("--runs and --select-runs must be at least 1")
     if args.resume and args.out is None:
@@ -82,13 +87,13 @@ def check_args(args: argparse.Namespace) -> None:
         raise ValueError(f"--model {args.model} is a folder; name a checkpoint in it")
     if not args.model.is_file():
         raise FileNotFoundError(f"{args.model}: no such checkpoint; check the path")
-    parse_checkpoint_name(args.model)
+    read_checkpoint_name(args.model)
     for flag, path in (("--out", args.out), ("--plot", args.plot)):
         if path is not None:
             if path.is_dir():
                 raise ValueError(f"{flag} {path} is a folder; name a file in it")
-            path.parent.mkdir(parents=True, exist_ok=True)
             check_writable(path.parent, flag, path)
+            path.parent.mkdir(parents=True, exist_ok=True)
     cxx = os.environ.get("CXX", "g++")  # where torch.compile looks for the compiler of its CPU kernels
     if runtime.resolve_device(args.device).type == "cpu" and shutil.which(cxx) is None:
         raise FileNotFoundError(f"meta-testing on the CPU compiles its Adam step with torch.compile, which needs a "
@@ -157,7 +162,7 @@ def evaluate(args: argparse.Namespace, stopped: Sequence[dict] = ()) -> Iterator
     runs, yields the results so far: the runs and, per class count finished, the chosen rate and its figures. The
     runs of a stopped evaluation of the same settings (`stopped`) are kept, not run again."""
     device = runtime.set_up(args.device)  # on CUDA, features as the CPU computes them: no TF32 convolutions
-    model = load_anml(args.model, device).eval()
+    model = load_model(args.model, device).eval()
     data = load_split(find_root(args.data_root, download=not args.no_download), "images_evaluation")
     if not args.lr and rates_path(args.model).is_file():
         logging.info("rates chosen for this model on selection runs, from %s (--lr overrides)", rates_path(args.model))
@@ -283,7 +288,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     results = None
     # A batch scheduler's SIGTERM stops the evaluation as Ctrl-C does: with the table so far and how to go on.
-    previous_handler = signal.signal(signal.SIGTERM, signal.default_int_handler)
+    previous_handler = signal.signal(signal.SIGTERM, runtime.raise_stopped)
     try:
         check_args(args)
         printed = 0
@@ -297,12 +302,13 @@ def main(argv: list[str] | None = None) -> None:
                     tmp.write_text(json.dumps(results, indent=1))
     except (OSError, ValueError) as err:
         sys.exit(f"error: {err}")
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as err:  # exits 130 for Ctrl-C, 143 for SIGTERM, as the shell counts a signal's stop
         if results and results["summary"]:
             print("\n" + table(results))
-        sys.exit(f"interrupted: {len(results['summary']) if results else 0} of {len(args.classes)} class counts "
-                 "finished" + (f", the runs done kept in {args.out}; continue with --resume" if args.out and results
-                               else ""))
+        print(f"interrupted: {len(results['summary']) if results else 0} of {len(args.classes)} class counts finished"
+              + (f", the runs done kept in {args.out}; continue with --resume" if args.out and results else ""),
+              file=sys.stderr)
+        sys.exit(runtime.stop_status(err))
     finally:
         signal.signal(signal.SIGTERM, previous_handler)
     if args.save_rates:

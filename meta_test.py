@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from checkpoints import save_atomic
+from checkpoints import read_cache, save_atomic
 from datasets import Omniglot, sample_meta_test
 from datasets.omniglot import cache_dir
 from model import ANML
@@ -34,8 +34,9 @@ def cached_features(checkpoint: Path, model: ANML, data: Omniglot) -> torch.Tens
     digest = hashlib.sha256(Path(checkpoint).read_bytes()).hexdigest()[:20]
     path = cache_dir() / f"features-{digest}-{data.key}.pt"
     device = next(model.parameters()).device
-    if path.is_file():
-        return torch.load(path, weights_only=True).to(device)
+    features = read_cache(path)
+    if isinstance(features, torch.Tensor) and features.shape == (len(data.labels), model.fc.in_features):
+        return features.to(device)
     features = gated_features(model, data)
     path.parent.mkdir(parents=True, exist_ok=True)
     save_atomic(features.cpu(), path)
@@ -167,8 +168,10 @@ def plain_meta_test_run(model: ANML, data: Omniglot, n_classes: int, lr: float, 
     nn.init.kaiming_normal_(weight, generator=generator)
     with torch.no_grad():
         model.fc.weight.copy_(weight)
-    for p in [*model.rln.parameters(), *model.nm.parameters()]:
+    for p in model.parameters():
         p.requires_grad_(False)
+    for p in model.fc.parameters():
+        p.requires_grad_(True)
     opt = torch.optim.Adam(model.fc.parameters(), lr=lr)
     for cls in train_idx:
         for i in cls:

@@ -1,4 +1,5 @@
-"""The ANML network: a representation network (RLN) gated element-wise by a neuromodulatory network (NM)."""
+"""The networks: ANML, a representation network (RLN) gated element-wise by a neuromodulatory network (NM), and the
+treatments it is compared with (SANML: the RLN and fc alone)."""
 from __future__ import annotations
 
 import torch
@@ -152,23 +153,55 @@ class ANML(nn.Module):
         return self.fc(self.features(x))
 
 
+class SANML(nn.Module):
+    """ANML without its neuromodulation: the RLN read by the fc layer, the NM gone entirely (the authors' later code,
+    higherANML's models/anml.py, defines it so)."""
+
+    def __init__(self, rln_chs: int = 256):
+        super().__init__()
+        self.rln = ConvStack(rln_chs)
+        self.fc = nn.Linear(rln_chs * 9, N_OUTPUTS)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """The representation RLN(x) that the fc layer reads."""
+        return self.rln(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.features(x))
+
+
+# Each treatment's network, built from its sizes (model_sizes below).
+MODELS = {"anml": ANML, "sanml": SANML}
+
+
+def model_sizes(treatment: str, rln: int, nm: int, mask: int) -> tuple[int, ...]:
+    """The sizes that build a treatment's network and name its checkpoints: an SANML has no NM and no gate."""
+    return (rln, nm, mask) if treatment == "anml" else (rln,)
+
+
+def build_model(treatment: str, sizes: tuple[int, ...]) -> ANML | SANML:
+    return MODELS[treatment](*sizes)
+
+
 class Plastic(nn.Module):
-    """The RLN and fc of an ANML (shared, not copied), applied to inputs whose NM gate is already known.
+    """The RLN and fc of a network (shared, not copied), applied to inputs whose NM gate is already known (or, for a
+    network without an NM, to inputs alone: `gate` None).
 
     The inner loop updates only these, so only these go into its differentiable copy.
     """
 
-    def __init__(self, model: ANML):
+    def __init__(self, model: ANML | SANML):
         super().__init__()
         self.rln = model.rln
         self.fc = model.fc
 
-    def forward(self, x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
-        return self.fc(self.rln(x) * gate)
+    def forward(self, x: torch.Tensor, gate: torch.Tensor | None = None) -> torch.Tensor:
+        features = self.rln(x)
+        return self.fc(features if gate is None else features * gate)
 
 
-def kaiming_conv_init(model: ANML) -> None:
-    """Re-draw every conv weight of RLN and NM Kaiming-normal (biases untouched), as the authors' later code does."""
-    for module in (*model.rln.modules(), *model.nm.modules()):
+def kaiming_conv_init(model: nn.Module) -> None:
+    """Re-draw every conv weight (RLN and NM) Kaiming-normal, biases untouched, as the authors' later code does."""
+    for module in model.modules():
         if isinstance(module, nn.Conv2d):
             nn.init.kaiming_normal_(module.weight)

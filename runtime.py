@@ -1,7 +1,9 @@
-"""Where this process computes: its device, how its memory allocator treats freed memory, and denormal floats."""
+"""Where this process computes: its device, how its memory allocator treats freed memory, and denormal floats; how a
+stop by a signal ends it."""
 from __future__ import annotations
 
 import ctypes
+import signal
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
@@ -73,3 +75,22 @@ def set_up(name: str | None) -> torch.device:
     if device.type == "cuda":
         float32_only()
     return device
+
+
+class Stopped(KeyboardInterrupt):
+    """A stop by a signal, Ctrl-C's SIGINT or a scheduler's SIGTERM, after the work done was kept."""
+
+    def __init__(self, message: str = "", signum: int = signal.SIGINT):
+        super().__init__(message)
+        self.signum = signum
+
+
+def raise_stopped(signum: int, _frame) -> None:
+    """A signal handler: the signal as a Stopped, which unwinds as Ctrl-C does."""
+    raise Stopped(signum=signum)
+
+
+def stop_status(err: KeyboardInterrupt) -> int:
+    """The exit status of a process stopped by a signal, as the shell gives it: 128 + the signal (130 for Ctrl-C, 143
+    for SIGTERM), so that a script or a scheduler can tell a stop from a crash (1)."""
+    return 128 + getattr(err, "signum", signal.SIGINT)

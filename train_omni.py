@@ -1,9 +1,10 @@
-"""Meta-train an ANML on Omniglot's background set: python train_omni.py [flags]."""
+"""Meta-train an ANML (or SANML, ANML without its NM) on Omniglot's background set: python train_omni.py [flags]."""
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import logging
+import math
 import os
 import shlex
 import sys
@@ -18,13 +19,16 @@ import runtime
 import workers
 from anml import RunConfig, RunState
 from datasets import find_root, load_split
+from model import MODELS
 
 DEFAULTS = RunConfig()
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__)
     # Run settings default to None so that --resume can tell a flag given from a flag left out.
+    p.add_argument("--treatment", choices=list(MODELS),
+                   help="anml, or sanml: ANML without its NM, meta-trained the same way (default anml)")
     p.add_argument("--rln", type=int, help=f"RLN channels (default {DEFAULTS.rln})")
     p.add_argument("--nm", type=int, help=f"NM channels (default {DEFAULTS.nm})")
     p.add_argument("--mask", type=int, help="gate size, 9 x RLN channels (default 9 x --rln)")
@@ -53,7 +57,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--resume", type=Path, nargs="+", metavar="CHECKPOINT",
                    help="continue the run saved as CHECKPOINT (its .state.pth must sit beside it), or a run's folder: "
                    "from its newest checkpoint that has one; several: those runs, trained together, each in its folder")
-    return p.parse_args(argv)
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    return parser().parse_args(argv)
 
 
 def flag(key: str) -> str:
@@ -103,6 +111,10 @@ def check_args(args: argparse.Namespace, dirs: list[Path]) -> None:
     for key in ("rln", "nm", "mask", "epochs", "save_every", "log_every", "keep_states"):
         if getattr(args, key) is not None and getattr(args, key) < 1:
             raise ValueError(f"{flag(key)} {getattr(args, key)} must be at least 1")
+    if args.treatment == "sanml":
+        for key in ("nm", "mask"):
+            if getattr(args, key) is not None:
+                raise ValueError(f"{flag(key)} sizes the NM's gate, and an SANML has no NM; drop {flag(key)}")
     for seed in args.seed or []:
         if not 0 <= seed < 2**32:
             raise ValueError(f"--seed {seed} is outside 0..{2**32 - 1}, the seeds numpy accepts")
@@ -114,17 +126,22 @@ def check_args(args: argparse.Namespace, dirs: list[Path]) -> None:
         raise ValueError("two of the runs would share a folder: resume each run once")
     if len(dirs) > 1 and dist.is_torchelastic_launched():
         raise ValueError("under torchrun the workers train one run together; train several runs without torchrun")
-    if args.outer_lr is not None and not args.outer_lr > 0:
-        raise ValueError(f"--outer-lr {args.outer_lr} is not a positive learning rate; the outer step would not learn")
-    if args.inner_lr is not None and not args.inner_lr >= 0:
-        raise ValueError(f"--inner-lr {args.inner_lr} is not a learning rate; give 0 (no inner learning) or more")
+    if args.outer_lr is not None and not 0 < args.outer_lr < math.inf:
+        raise ValueError(f"--outer-lr {args.outer_lr} is not a positive finite learning rate; the outer step would "
+                         "not learn")
+    if args.inner_lr is not None and not 0 <= args.inner_lr < math.inf:
+        raise ValueError(f"--inner-lr {args.inner_lr} is not a finite learning rate; give 0 (no inner learning) or "
+                         "more")
     for out_dir in dirs:
         if out_dir.exists() and not out_dir.is_dir():
             raise ValueError(f"--out-dir {out_dir} is a file, not a folder; give another --out-dir")
         checkpoints.check_writable(out_dir, "--out-dir", out_dir)
         if not args.resume and (out_dir / "training_log.csv").exists():
-            raise ValueError(f"{out_dir} already holds a run (training_log.csv); continue it with --resume "
-                             "CHECKPOINT, or start a new run with another --out-dir")
+            if any(checkpoints.parse_checkpoint_name(p) for p in out_dir.glob("*.pth")):
+                raise ValueError(f"{out_dir} already holds a run (training_log.csv); continue it with --resume "
+                                 "CHECKPOINT, or start a new run with another --out-dir")
+            logging.info("%s holds no checkpoint, only the log of a run stopped before its first save: a new run "
+                         "starts there in its place", out_dir)
 
 
 def plot_training_log(out_dir: Path, config: RunConfig) -> Path | None:
@@ -200,13 +217,15 @@ def main(argv: list[str] | None = None) -> None:
             logging.info("%d runs together: %s", len(states), ", ".join(map(str, dirs)))
         last = anml.train_together(states, data, dirs, graphed=device.type == "cuda" and not args.no_cuda_graph)
         finished = True
-    except (OSError, ValueError) as err:
+    except (OSError, ValueError, anml.Diverged) as err:
         sys.exit(f"error: {err}")
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as err:  # exits 130 for Ctrl-C, 143 for SIGTERM, as the shell counts a signal's stop
         if len(states) < len(dirs) or [state.iteration for state in states] == starts:
-            sys.exit("interrupted before the first iteration; nothing new was saved")
-        sys.exit(f"interrupted after iteration {', '.join(str(state.iteration - 1) for state in states)}; resume "
-                 f"with: {resume_command(args, [s.checkpoint(d) for s, d in zip(states, dirs)])}")
+            print("interrupted before the first iteration; nothing new was saved", file=sys.stderr)
+        else:
+            print(f"interrupted after iteration {', '.join(str(state.iteration - 1) for state in states)}; resume "
+                  f"with: {resume_command(args, [s.checkpoint(d) for s, d in zip(states, dirs)])}", file=sys.stderr)
+        sys.exit(runtime.stop_status(err))
     finally:
         # Only where this process trained: not over the folder of a run that another process holds.
         curves = [plot_training_log(out_dir, state.config) if workers.rank() == 0 and state.iteration > start else None

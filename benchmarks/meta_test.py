@@ -24,7 +24,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import meta_test  # noqa: E402
 import runtime  # noqa: E402
-from checkpoints import load_anml  # noqa: E402
+from checkpoints import load_model  # noqa: E402
 from datasets import find_root, load_split  # noqa: E402
 from eval_omni import SHIPPED_MODEL  # noqa: E402
 
@@ -41,7 +41,7 @@ def main() -> None:
         p.error("--runs and --plain-runs must be at least 1")
     device = runtime.set_up(args.device)
     data = load_split(find_root(), "images_evaluation").to(device)
-    model = load_anml(args.model, device).eval()
+    model = load_model(args.model, device).eval()
 
     def timed(fn, flush):
         def run():

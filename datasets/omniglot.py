@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from checkpoints import save_atomic
+from checkpoints import read_cache, save_atomic
 
 log = logging.getLogger(__name__)
 
@@ -121,8 +121,8 @@ def load_split(root: Path, split: str) -> Omniglot:
         raise FileNotFoundError(f"no PNG drawings under {split_dir}; is the data set extracted there?")
     key = _cache_key(split_dir, files)
     cache = cache_dir() / f"omniglot-{split}-{key}.pt"
-    if cache.is_file():
-        data = torch.load(cache, weights_only=True)
+    data = read_cache(cache)
+    if isinstance(data, dict) and {"images", "labels"} <= data.keys():
         return Omniglot(data["images"], data["labels"], key)
     images = np.stack([preprocess(f) for _, f in tqdm(files, desc=f"decoding {split}", unit="img")])
     data = {"images": torch.from_numpy(images).unsqueeze(1), "labels": torch.tensor([c for c, _ in files])}

@@ -14,7 +14,7 @@ import anml
 import checkpoints
 from anml import RunConfig, RunState
 from datasets import sample_meta_train
-from model import ANML
+from model import ANML, SANML, build_model
 
 
 def test_lobotomy_touches_exactly_one_row():
@@ -40,8 +40,9 @@ def test_lobotomy_draws_kaiming_normal():
     assert abs(std - (2 / 2304) ** 0.5) < 0.02 * (2 / 2304) ** 0.5
 
 
-def test_meta_step_matches_plain_reference(background):
-    """The fast step and the obvious higher loop over the whole ANML give the same outer update.
+@pytest.mark.parametrize("treatment, sizes", [("anml", (32, 16, 288)), ("sanml", (32,))])
+def test_meta_step_matches_plain_reference(treatment, sizes, background):
+    """The fast step and the obvious higher loop over the whole network give the same outer update.
 
     In float64, so that the comparison sees the algorithm rather than float32 rounding over 20 unrolled
     steps, and narrower than the default ANML, because float64 convolutions are slow on a CPU.
@@ -49,7 +50,7 @@ def test_meta_step_matches_plain_reference(background):
     torch.manual_seed(0)
     traj, remember = sample_meta_train(background)
     batch = [t.double() if t.is_floating_point() else t for t in (*background.batch(traj), *background.batch(remember))]
-    fast = ANML(32, 16, 288).double()
+    fast = build_model(treatment, sizes).double()
     plain = copy.deepcopy(fast)
     start = copy.deepcopy(fast.state_dict())
     fast_out = anml.meta_step(fast, torch.optim.SGD(fast.parameters(), lr=1.0), *batch)
@@ -80,7 +81,7 @@ def test_a_stop_signal_finishes_the_iteration_and_saves(stop_signal, background,
     with pytest.raises(KeyboardInterrupt, match="stopped after iteration 1"):
         anml.train(state, background, tmp_path)
     assert len(calls) == 2
-    saved = tmp_path / checkpoints.checkpoint_name(16, 8, 144, 1)
+    saved = tmp_path / checkpoints.checkpoint_name("anml", (16, 8, 144), 1)
     assert saved.is_file() and checkpoints.state_path(saved).is_file()
     assert signal.getsignal(stop_signal) is handler  # train's own handler is gone again
 
@@ -105,6 +106,15 @@ def test_runs_trained_together_are_each_the_run_alone(background, tmp_path):
         log = (tmp_path / f"alone{seed}" / "training_log.csv").read_text()
         assert (tmp_path / f"together{seed}" / "training_log.csv").read_text() == log
     assert not torch.equal(alone[0].model.fc.weight, alone[1].model.fc.weight)
+
+
+def test_one_run_diverging_stops_the_others_saved(background, tmp_path):
+    cpu, config = torch.device("cpu"), RunConfig(rln=4, nm=4, epochs=50, save_every=100, log_every=2)
+    states = [RunState.fresh(config, cpu), RunState.fresh(dataclasses.replace(config, inner_lr=1e30), cpu)]
+    with pytest.raises(anml.Diverged, match="diverged: its outer loss was nan at iteration 0; no checkpoint was saved"):
+        anml.train_together(states, background, [tmp_path / "fine", tmp_path / "diverging"])
+    assert (tmp_path / "fine" / "4_4_36_ANML-1.pth").is_file()  # stopped after its second iteration, saved
+    assert not list((tmp_path / "diverging").glob("*.pth"))
 
 
 def test_meta_iteration_draws_a_task_and_lobotomizes_its_class(background):

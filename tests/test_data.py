@@ -105,6 +105,18 @@ def test_cache_is_used_and_never_stale(omniglot_root, tmp_path, monkeypatch):
     assert len(list((tmp_path / "cache" / "anml").glob("*.pt"))) == 2
 
 
+def test_a_damaged_cache_is_computed_again(omniglot_root, tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    root = small_copy(omniglot_root, tmp_path / "data")
+    first = load_split(root, "images_background")
+    [cache] = (tmp_path / "cache" / "anml").glob("*.pt")
+    cache.write_bytes(cache.read_bytes()[:1000])  # a copy cut short, as a full disk or a kill leaves one
+    again = load_split(root, "images_background")
+    assert torch.equal(first.images, again.images) and torch.equal(first.labels, again.labels)
+    assert f"cache {cache} is damaged" in caplog.text
+    assert torch.equal(torch.load(cache, weights_only=True)["images"], first.images)  # rewritten whole
+
+
 def test_missing_data_offline(tmp_path, monkeypatch):
     with pytest.raises(FileNotFoundError, match="downloading was not allowed"):
         find_root(tmp_path, download=False)

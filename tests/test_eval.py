@@ -13,7 +13,7 @@ import torch.nn.functional as F
 import eval_omni
 import meta_test
 import runtime
-from checkpoints import checkpoint_name, load_anml
+from checkpoints import checkpoint_name, load_model
 from model import ANML
 from tests.conftest import REPO, assert_one_line_error
 from tests.test_shipped_model import run_features, shipped_model
@@ -142,7 +142,7 @@ def test_eval_omni_flushes_denormals_in_every_thread():
 
 def test_flushing_denormals_changes_no_run(evaluation):
     """The shipped model's runs end as they do with denormals kept (they are what flushing makes 4.6x faster)."""
-    model = load_anml(shipped_model()).eval()
+    model = load_model(shipped_model()).eval()
     features = run_features(model, evaluation, 50, seed=3)
     run = lambda: meta_test.meta_test_runs(model, features, evaluation, 50, 0.001, [3])
     flushed, kept = (runtime.call_in_new_thread(run, flush) for flush in (True, False))
@@ -162,7 +162,7 @@ def test_fc_accuracy_averages_over_classes():
 
 def test_features_cache_is_keyed_by_checkpoint(small_model, evaluation, tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    path = tmp_path / checkpoint_name(*SIZES, 0)
+    path = tmp_path / checkpoint_name("anml", SIZES, 0)
     torch.save(small_model.state_dict(), path)
     first = meta_test.cached_features(path, small_model, evaluation)
     real = meta_test.gated_features
@@ -174,9 +174,32 @@ def test_features_cache_is_keyed_by_checkpoint(small_model, evaluation, tmp_path
     assert not torch.equal(meta_test.cached_features(path, other, evaluation), first)
 
 
+def test_a_damaged_features_cache_is_computed_again(small_model, small_features, evaluation, tmp_path, monkeypatch,
+                                                    caplog):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    path = tmp_path / checkpoint_name("anml", SIZES, 0)
+    torch.save(small_model.state_dict(), path)
+    meta_test.cached_features(path, small_model, evaluation)
+    [cache] = (tmp_path / "cache" / "anml").glob("features-*.pt")
+    cache.write_bytes(cache.read_bytes()[:5000])
+    torch.testing.assert_close(meta_test.cached_features(path, small_model, evaluation), small_features)
+    assert f"cache {cache} is damaged" in caplog.text
+    torch.testing.assert_close(torch.load(cache, weights_only=True), small_features)
+
+
+def test_non_finite_weights_are_one_line(small_model, tmp_path):
+    weights = small_model.state_dict()
+    weights["nm.convBlock1.conv.weight"] = weights["nm.convBlock1.conv.weight"].clone()
+    weights["nm.convBlock1.conv.weight"][3, 0, 1, 1] = float("inf")
+    path = tmp_path / checkpoint_name("anml", SIZES, 4)
+    torch.save(weights, path)
+    result = eval_cli("-m", path, "-c", "5", "--data-root", tmp_path / "nowhere")
+    assert_one_line_error(result, "nm.convBlock1.conv.weight holds non-finite values")
+
+
 @pytest.fixture(scope="module")
 def checkpoint(small_model, tmp_path_factory):
-    path = tmp_path_factory.mktemp("model") / checkpoint_name(*SIZES, 9)
+    path = tmp_path_factory.mktemp("model") / checkpoint_name("anml", SIZES, 9)
     torch.save(small_model.state_dict(), path)
     return path
 
@@ -218,6 +241,9 @@ def test_seed_reproduces_runs(small_model, checkpoint, omniglot_root):
     (["-c", "0"], ["--classes 0"]),
     (["-t", "20"], ["--train-examples 20", "1..19"]),
     (["-l", "0"], ["--lr 0.0", "positive"]),
+    (["-l", "inf"], ["--lr inf", "finite"]),
+    (["-l", "nan"], ["--lr nan", "finite"]),
+    (["--out", "README.md/r.json"], ["--out README.md/r.json", "README.md is a file"]),
     (["-m", "trained_anmls/256_112_2304_ANML-12345.pth"], ["no such checkpoint"]),
     (["-m", "README.md"], ["checkpoint name"]),
     (["-m", "trained_anmls"], ["--model trained_anmls is a folder"]),
@@ -270,9 +296,10 @@ def test_results_come_class_count_by_class_count(checkpoint, omniglot_root, tmp_
             "--data-root", str(omniglot_root), "--out", str(out)]
     with pytest.raises(SystemExit) as stop:
         eval_omni.main(args)
-    assert stop.value.code == (f"interrupted: 1 of 2 class counts finished, the runs done kept in {out}; "
-                               "continue with --resume")
-    printed = capsys.readouterr().out
+    assert stop.value.code == 130  # the shell's status for Ctrl-C
+    printed, said = capsys.readouterr()
+    assert said.strip().splitlines()[-1] == (f"interrupted: 1 of 2 class counts finished, the runs done kept in {out}; "
+                                             "continue with --resume")
     assert "Classes 3 Accuracy" in printed and "Classes 4" not in printed
     assert "best-of-sweep" not in printed  # one rate: nothing was swept
     assert [s["classes"] for s in json.loads(out.read_text())["summary"]] == [3]
@@ -287,7 +314,7 @@ def test_results_come_class_count_by_class_count(checkpoint, omniglot_root, tmp_
     assert resumed["runs"] == straight["runs"] and resumed["summary"] == straight["summary"]
 
 
-def test_sigterm_stops_as_ctrl_c_does(checkpoint, omniglot_root, monkeypatch):
+def test_sigterm_stops_as_ctrl_c_does(checkpoint, omniglot_root, monkeypatch, capsys):
     real = meta_test.meta_test_runs
 
     def terminate_at_the_second_count(model, features, data, n_classes, *args):
@@ -299,7 +326,8 @@ def test_sigterm_stops_as_ctrl_c_does(checkpoint, omniglot_root, monkeypatch):
     with pytest.raises(SystemExit) as stop:
         eval_omni.main(["-m", str(checkpoint), "-c", "3", "4", "-l", "0.002", "-r", "1", "-d", "cpu",
                         "--data-root", str(omniglot_root)])
-    assert stop.value.code == "interrupted: 1 of 2 class counts finished"
+    assert stop.value.code == 143  # the shell's status for SIGTERM
+    assert capsys.readouterr().err.strip().splitlines()[-1] == "interrupted: 1 of 2 class counts finished"
     assert signal.getsignal(signal.SIGTERM) is handler  # eval's own handler is gone again
 
 

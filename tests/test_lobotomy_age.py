@@ -5,7 +5,7 @@ import numpy as np
 import torch
 
 from anml import RunConfig, RunState, train
-from checkpoints import load_anml
+from checkpoints import load_model
 from tests.conftest import REPO
 
 sys.path.append(str(REPO / "tools"))
@@ -15,7 +15,7 @@ import lobotomy_age  # noqa: E402
 def test_replay_finds_each_row_the_run_redrew(background, tmp_path):
     config = RunConfig(rln=4, nm=4, epochs=5, seed=3, log_every=1)
     last_saved = train(RunState.fresh(config, torch.device("cpu")), background, tmp_path)
-    weight = load_anml(last_saved).fc.weight.detach()
+    weight = load_model(last_saved).fc.weight.detach()
     assert lobotomy_age.run_config(tmp_path) == config
 
     def worst_row(config):  # how far the checkpoint's re-drawn rows are from the replay's draws, per outer step since

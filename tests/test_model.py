@@ -2,8 +2,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from checkpoints import checkpoint_name, load_anml, parse_checkpoint_name
-from model import ANML, ConvBlock, instance_norm, max_pool
+from checkpoints import checkpoint_name, load_model, parse_checkpoint_name
+from model import ANML, SANML, ConvBlock, instance_norm, max_pool
 
 SPEC_SHAPES = {
     **{f"{net}.convBlock{i}.{part}": None for net in ("rln", "nm") for i in (1, 2, 3)
@@ -109,23 +109,40 @@ def test_mask_must_match_rln():
 
 def test_checkpoint_round_trip(tmp_path):
     model = ANML(16, 8, 144)
-    path = tmp_path / checkpoint_name(16, 8, 144, 7)
+    path = tmp_path / checkpoint_name("anml", (16, 8, 144), 7)
     torch.save(model.state_dict(), path)
-    assert parse_checkpoint_name(path) == (16, 8, 144, 7)
-    loaded = load_anml(path)
+    assert parse_checkpoint_name(path) == ("anml", (16, 8, 144), 7)
+    loaded = load_model(path)
     for a, b in zip(model.state_dict().values(), loaded.state_dict().values()):
         assert torch.equal(a, b)
 
 
+def test_sanml_checkpoint_round_trip(tmp_path):
+    model = SANML(16)
+    assert not hasattr(model, "nm") and model.fc.weight.shape == (1000, 144)
+    path = tmp_path / checkpoint_name("sanml", (16,), 7)
+    assert path.name == "16_SANML-7.pth"
+    torch.save(model.state_dict(), path)
+    assert parse_checkpoint_name(path) == ("sanml", (16,), 7)
+    loaded = load_model(path)
+    assert isinstance(loaded, SANML)
+    for a, b in zip(model.state_dict().values(), loaded.state_dict().values()):
+        assert torch.equal(a, b)
+    wrong = tmp_path / "16_16_144_ANML-7.pth"  # an SANML's weights under an ANML's name
+    torch.save(model.state_dict(), wrong)
+    with pytest.raises(ValueError, match=r"do not match an ANML\(16, 16, 144\)"):
+        load_model(wrong)
+
+
 def test_checkpoint_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="no such checkpoint"):
-        load_anml(tmp_path / "model.pth")  # a path that is not there, whatever its name
+        load_model(tmp_path / "model.pth")  # a path that is not there, whatever its name
     with pytest.raises(FileNotFoundError, match="no such checkpoint"):
-        load_anml(tmp_path / "16_8_144_ANML-1.pth")
+        load_model(tmp_path / "16_8_144_ANML-1.pth")
     torch.save(ANML(16, 8, 144).state_dict(), tmp_path / "model.pth")
     with pytest.raises(ValueError, match="name must look like"):
-        load_anml(tmp_path / "model.pth")
+        load_model(tmp_path / "model.pth")
     wrong = tmp_path / "32_8_288_ANML-1.pth"
     torch.save(ANML(16, 8, 144).state_dict(), wrong)
     with pytest.raises(ValueError, match="do not match"):
-        load_anml(wrong)
+        load_model(wrong)

@@ -6,15 +6,15 @@ import torch
 
 import meta_test
 from datasets import sample_meta_test
-from checkpoints import CHECKPOINT_NAME, load_anml, parse_checkpoint_name
+from checkpoints import load_model, parse_checkpoint_name
 from model import ANML
 from tests.conftest import REPO
 
 
 def shipped_model() -> Path:
     """The highest-iteration default-size checkpoint in trained_anmls/."""
-    models = sorted((p for p in REPO.glob("trained_anmls/256_112_2304_ANML-*.pth") if CHECKPOINT_NAME.match(p.name)),
-                    key=lambda p: parse_checkpoint_name(p)[3])
+    models = sorted((p for p in REPO.glob("trained_anmls/256_112_2304_ANML-*.pth") if parse_checkpoint_name(p)),
+                    key=lambda p: parse_checkpoint_name(p).iteration)
     assert models, "no model in trained_anmls/"
     return models[-1]
 
@@ -38,6 +38,6 @@ def small_evaluation(model: ANML, data, n_classes: int, seed: int) -> float:
 @pytest.mark.parametrize("seed", [0, 1])
 def test_shipped_model_is_far_better_than_untrained(evaluation, seed):
     torch.manual_seed(0)
-    trained = small_evaluation(load_anml(shipped_model()).eval(), evaluation, 50, seed)
+    trained = small_evaluation(load_model(shipped_model()).eval(), evaluation, 50, seed)
     untrained = small_evaluation(ANML().eval(), evaluation, 50, seed)
     assert trained > 0.7 and trained > untrained + 0.25, (trained, untrained)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from anml import RunConfig, RunState
-from checkpoints import load_anml
+from checkpoints import load_model
 from datasets import sample_meta_train
 from model import ANML
 from tests.conftest import REPO
@@ -57,7 +57,7 @@ def test_train_variant_trains_with_the_variant_in_place(tmp_path, omniglot_root)
     for variant in ("no-conv-bias", "today"):
         train_variant.main([variant, *flags, str(tmp_path / variant)])
     for variant, moved in (("no-conv-bias", False), ("today", True)):
-        trained = load_anml(tmp_path / variant / "16_8_144_ANML-1.pth")
+        trained = load_model(tmp_path / variant / "16_8_144_ANML-1.pth")
         for block in ("convBlock1", "convBlock2", "convBlock3"):
             before, after = (getattr(net.rln, block).conv.bias for net in (drawn, trained))
             assert torch.equal(before, after) != moved, (variant, block)

@@ -11,7 +11,8 @@ import torch
 
 from anml import RunConfig
 from train_omni import parse_args, run_config
-from checkpoints import load_anml, sole_writer
+import checkpoints
+from checkpoints import load_model, sole_writer
 from model import ANML
 from tests.conftest import REPO, assert_one_line_error
 
@@ -31,10 +32,31 @@ def test_three_iterations_write_a_loadable_checkpoint(tmp_path, omniglot_root):
     path = tmp_path / "16_8_144_ANML-2.pth"
     state = torch.load(path, weights_only=True)
     ANML(16, 8, 144).load_state_dict(state)  # a plain state_dict of the spec's keys
-    assert load_anml(path).fc.weight.shape == (1000, 144)
+    assert load_model(path).fc.weight.shape == (1000, 144)
     log = (tmp_path / "training_log.csv").read_text().splitlines()
     assert log[0] == "iteration,outer_loss,outer_accuracy" and [r.split(",")[0] for r in log[1:]] == ["0", "1", "2"]
     assert (tmp_path / "training_curve.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_sanml_trains_resumes_and_meta_tests(tmp_path, omniglot_root):
+    """SANML, ANML without its NM: a checkpoint named for it holds no NM, resumes exactly, and eval_omni.py meta-tests
+    it from the file alone."""
+    common = ["--treatment", "sanml", "--rln", 16, "--seed", 3, "--log-every", 1, "--save-every", 2, "-d", "cpu",
+              "--data-root", omniglot_root]
+    train_omni(*common, "--epochs", 4, "--out-dir", tmp_path / "whole")
+    train_omni(*common, "--epochs", 2, "--out-dir", tmp_path / "parts")
+    train_omni("--resume", tmp_path / "parts", "--epochs", 4, "--data-root", omniglot_root, "-d", "cpu")
+    whole, parts = (torch.load(tmp_path / run / "16_SANML-3.pth", weights_only=True) for run in ("whole", "parts"))
+    assert not any(key.startswith("nm.") for key in whole) and whole["fc.weight"].shape == (1000, 144)
+    assert all(torch.equal(whole[k], parts[k]) for k in whole)
+    command = ["eval_omni.py", "-m", tmp_path / "whole" / "16_SANML-3.pth", "-c", 5, "-l", 0.001, "-r", 2, "-d", "cpu",
+               "--data-root", omniglot_root]
+    result = subprocess.run([sys.executable, *map(str, command)], cwd=REPO, capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0 and "Classes 5 Accuracy" in result.stdout, result.stderr
+    refused = train_omni("--resume", tmp_path / "whole", "--treatment", "anml", "--epochs", 5, "--data-root",
+                         omniglot_root, "-d", "cpu", check=False)
+    assert_one_line_error(refused, "--treatment anml differs from the resumed run's sanml")
 
 
 def test_resume_gives_the_uninterrupted_run(tmp_path, omniglot_root):
@@ -70,6 +92,8 @@ def test_several_seeds_train_together_and_resume_together(tmp_path, omniglot_roo
     (["--resume", "a", "b", "--out-dir", "c"], ["--out-dir", "own folder"]),
     (["--resume", "a", "--seed", "1", "2"], ["drop --seed"]),
     (["--resume", "a/x.pth", "a/y.pth"], ["share a folder"]),
+    (["--treatment", "sanml", "--nm", "8"], ["--nm", "no NM"]),
+    (["--treatment", "sanml", "--mask", "144"], ["--mask", "no NM"]),
 ])
 def test_several_runs_refuse_flags_that_do_not_fit(flags, words, tmp_path):
     assert_one_line_error(train_omni(*flags, "-d", "cpu", check=False, cwd=tmp_path), *words)
@@ -195,6 +219,19 @@ def drawing_missing(tmp_path, omniglot_root):
     return ["--data-root", root], [character, "holds 19 drawings, not 20"]
 
 
+def out_dir_under_a_file(tmp_path, _):
+    (tmp_path / "model.pth").write_text("")
+    return ["--out-dir", tmp_path / "model.pth" / "x"], ["--out-dir", "model.pth is a file, not a folder"]
+
+
+def non_finite_checkpoint(tmp_path, _):
+    path = saved_run(tmp_path / "run")
+    weights = torch.load(path, weights_only=True)
+    weights["rln.convBlock2.conv.weight"][0, 0, 0, 0] = float("nan")
+    torch.save(weights, path)
+    return ["--resume", path], ["rln.convBlock2.conv.weight holds non-finite values", "diverged"]
+
+
 def interval(name, value):
     def case(tmp_path, _):
         return [name, value], [f"{name} {value} must be at least 1"]
@@ -219,7 +256,9 @@ def bad_rate(name, value):
                                   interval("--save-every", 0), interval("--log-every", 0),
                                   interval("--epochs", 0), interval("--epochs", -3), interval("--rln", 0),
                                   interval("--nm", -2), bad_rate("--outer-lr", 0.0), bad_rate("--inner-lr", -0.1),
-                                  negative_seed],
+                                  bad_rate("--outer-lr", "inf"), bad_rate("--inner-lr", "inf"),
+                                  bad_rate("--inner-lr", "nan"), negative_seed, out_dir_under_a_file,
+                                  non_finite_checkpoint],
                          ids=lambda c: c.__name__)
 def test_bad_input_is_one_line_and_blocks_nothing(case, tmp_path, omniglot_root):
     args, words = case(tmp_path, omniglot_root)
@@ -278,8 +317,10 @@ def test_short_run_logs_its_last_iterations_aligned_across_a_resume(tmp_path, om
     assert [r.split(",")[0] for r in (tmp_path / "training_log.csv").read_text().splitlines()[1:]] == ["1", "3", "5"]
 
 
-@pytest.mark.parametrize("seeds", [[], ["--seed", "1", "2"]], ids=["one_run", "two_runs"])
-def test_ctrl_c_prints_a_resume_command_that_works(seeds, tmp_path, omniglot_root):
+@pytest.mark.parametrize("seeds, stop_signal", [([], signal.SIGINT), (["--seed", "1", "2"], signal.SIGINT),
+                                                ([], signal.SIGTERM)], ids=["one_run", "two_runs", "sigterm"])
+def test_a_stop_prints_a_resume_command_that_works(seeds, stop_signal, tmp_path, omniglot_root):
+    """Ctrl-C or SIGTERM: saved, the command that goes on, and the shell's status for the signal (130, 143)."""
     out = tmp_path / "run"
     runs = [out / f"seed_{seed}" for seed in seeds[1:]] or [out]
     flags = ["--rln", "4", "--nm", "4", "--epochs", "100000", "--save-every", "1", "-d", "cpu",
@@ -288,9 +329,9 @@ def test_ctrl_c_prints_a_resume_command_that_works(seeds, tmp_path, omniglot_roo
     deadline = time.monotonic() + 300
     while not all(list(run.glob("*.state.pth")) for run in runs) and time.monotonic() < deadline:
         time.sleep(0.2)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(stop_signal)
     stderr = proc.communicate(timeout=300)[1]
-    assert proc.returncode != 0
+    assert proc.returncode == 128 + stop_signal
     last = stderr.strip().splitlines()[-1]
     assert last.startswith("interrupted after iteration") and "resume with: python " in last
     command = shlex.split(last.split("resume with: ")[1])
@@ -306,3 +347,43 @@ def test_reference_spellings_and_seed():
     args = parse_args(["--inner_lr", "0.2", "--outer_lr", "0.001"])
     assert (args.inner_lr, args.outer_lr) == (0.2, 0.001)
     assert run_config(parse_args([]), None).seed == 1
+
+
+def test_divergence_stops_the_run_and_keeps_its_finite_checkpoints(tmp_path, omniglot_root):
+    """A huge inner rate blows up the first iteration: one line naming it, nothing saved, a status that is no
+    success. A huge outer rate blows up after the first Adam step: the checkpoint before it stays, finite and
+    resumable."""
+    result = train_omni("--rln", 4, "--nm", 4, "--inner-lr", 1e30, "--epochs", 20, "-d", "cpu", "--data-root",
+                        omniglot_root, "--out-dir", tmp_path / "inner", check=False)
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and "diverged: its outer loss was nan at iteration 0" in last
+    assert "no checkpoint was saved" in last
+    assert result.returncode == 1 and not list((tmp_path / "inner").glob("*.pth"))
+
+    result = train_omni("--rln", 4, "--nm", 4, "--outer-lr", 1e30, "--epochs", 20, "--save-every", 1, "-d", "cpu",
+                        "--data-root", omniglot_root, "--out-dir", tmp_path / "outer", check=False)
+    last = result.stderr.strip().splitlines()[-1]
+    assert result.returncode == 1 and last.startswith("error: ") and "diverged" in last and "at iteration 1" in last
+    assert "the last checkpoint, " in last and "4_4_36_ANML-0.pth, stays resumable" in last
+    assert sorted(p.name for p in (tmp_path / "outer").glob("*.pth")) == ["4_4_36_ANML-0.pth",
+                                                                          "4_4_36_ANML-0.state.pth"]
+    assert checkpoints.newest_resumable(tmp_path / "outer") == tmp_path / "outer" / "4_4_36_ANML-0.pth"
+
+
+def test_a_folder_killed_before_its_first_save_takes_a_new_run(tmp_path, omniglot_root):
+    (tmp_path / "training_log.csv").write_text("iteration,outer_loss,outer_accuracy\n")  # all that the kill left
+    (tmp_path / "config.json").write_text("{}")
+    result = train_omni(*SMALL, "--epochs", 2, "--data-root", omniglot_root, "--out-dir", tmp_path)
+    assert "holds no checkpoint" in result.stderr and "a new run starts there" in result.stderr
+    assert [r.split(",")[0] for r in (tmp_path / "training_log.csv").read_text().splitlines()[1:]] == ["0", "1"]
+    assert (tmp_path / "16_8_144_ANML-1.pth").is_file()
+
+
+def test_resume_a_folder_passes_over_a_damaged_newest_state(tmp_path, omniglot_root):
+    run = tmp_path / "run"
+    train_omni(*SMALL, "--epochs", 3, "--save-every", 1, "--data-root", omniglot_root, "--out-dir", run)
+    newest = run / "16_8_144_ANML-2.state.pth"
+    newest.write_bytes(newest.read_bytes()[:1000])
+    result = train_omni("--resume", run, "--epochs", 4, "--data-root", omniglot_root)
+    assert "passing over 16_8_144_ANML-2.pth" in result.stderr and "16_8_144_ANML-1.pth at iteration 2" in result.stderr
+    assert (run / "16_8_144_ANML-3.pth").is_file()

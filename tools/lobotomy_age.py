@@ -37,7 +37,7 @@ def run_config(run: Path) -> RunConfig:
 
 
 def checkpoint_path(run: Path, config: RunConfig, iteration: int) -> Path:
-    return run / checkpoints.checkpoint_name(config.rln, config.nm, config.mask, iteration)
+    return run / checkpoints.checkpoint_name(config.treatment, config.sizes, iteration)
 
 
 def redraws(config: RunConfig, data: Omniglot, iteration: int) -> tuple[np.ndarray, torch.Tensor]:
@@ -82,14 +82,14 @@ def main() -> None:
     torch.set_num_threads(1)
     try:
         config = run_config(args.run)
-        model = checkpoints.load_anml(checkpoint_path(args.run, config, args.iteration))
+        model = checkpoints.load_model(checkpoint_path(args.run, config, args.iteration))
         data = load_split(find_root(args.data_root, download=False), "images_background")
     except (OSError, ValueError) as err:
         sys.exit(f"error: {err}")
     earlier = checkpoint_path(args.run, config, args.iteration - 1000)
     if earlier.is_file():  # the RLN's and NM's own pace, for comparison
         print(f"moved over the 1,000 iterations to {args.iteration}, relative to their size: " +
-              ", ".join(f"{part} {d:.3f}" for part, d in moved(checkpoints.load_anml(earlier), model).items()))
+              ", ".join(f"{part} {d:.3f}" for part, d in moved(checkpoints.load_model(earlier), model).items()))
     last, rows = redraws(config, data, args.iteration)
     weight = model.fc.weight.detach()[:data.n_classes]
     newest = int(last.argmax())

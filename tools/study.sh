@@ -7,7 +7,7 @@
 #   bash tools/study.sh eval 9999    # meta-test each run's checkpoint of that iteration, side by side (stop the
 #                                    # training first): 100 and 600 classes, the rates below, 1 selection and 3
 #                                    # reported runs each (the reported runs are the classes and splits of the old
-#                                    # model's milestone table); JSON in trained_anmls/study/, output in ~/anml_runs/;
+#                                    # model's milestone table); JSON in docs/recipe_study/, output in ~/anml_runs/;
 #                                    # run again, it goes on from the runs a stopped evaluation finished. Each
 #                                    # run's training log so far is copied beside its JSON, to be committed with it
 # Stop a run with Ctrl-C's signal, which saves first: pkill -INT -f 'train_omni.py'
@@ -17,7 +17,7 @@ runs=~/anml_runs
 export OMNIGLOT_ROOT=${OMNIGLOT_ROOT:-$PWD/../shared/omniglot}
 python=$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3 )
 
-# Ran to 29,999 (trained_anmls/study/README.md): A_outer_lr_0.001, C_outer_lr_0.001_kaiming (--conv-init kaiming),
+# Ran to 29,999 (docs/recipe_study/README.md): A_outer_lr_0.001, C_outer_lr_0.001_kaiming (--conv-init kaiming),
 # A_outer_lr_0.001_seed_2 (--seed 2), B_outer_lr_0.003_cosine (--outer-lr 0.003 --outer-lr-schedule cosine),
 # D_outer_lr_0.0005 (--outer-lr 0.0005) and, last, the run below, a third seed of A's recipe. The study is finished:
 # the outer rate's best is 0.001, and the three seeds of that recipe end 0.015 apart at 600 classes. The list keeps
@@ -30,12 +30,12 @@ export OMP_NUM_THREADS=$(( share > 0 ? share : 1 ))
 
 if [ "${1:-}" = eval ]; then
     it=${2:?give the checkpoint iteration to meta-test, e.g. bash tools/study.sh eval 9999}
-    mkdir -p trained_anmls/study
+    mkdir -p docs/recipe_study
     for name in "${RUNS[@]}"; do  # side by side, the output into ~/anml_runs/NAME_eval_IT.out
         # ~/anml_runs has been lost with a replaced machine more than once: the repository keeps the logs
-        cp "$runs/$name/training_log.csv" "trained_anmls/study/${name}_training_log.csv"
+        cp "$runs/$name/training_log.csv" "docs/recipe_study/${name}_training_log.csv"
         "$python" eval_omni.py -m "$runs/$name/256_112_2304_ANML-$it.pth" -c 100 600 -l "${RATES[@]}" -r 3 \
-            --select-runs 1 -d cpu --out "trained_anmls/study/${name}_$it.json" --resume \
+            --select-runs 1 -d cpu --out "docs/recipe_study/${name}_$it.json" --resume \
             >> "$runs/${name}_eval_$it.out" 2>&1 &
     done
     status=0
