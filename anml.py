@@ -1,5 +1,6 @@
-"""ANML meta-training: a differentiable inner loop with `higher` on RLN + fc, an Adam outer step on everything.
-The same meta-training serves SANML, ANML without its NM (RunConfig.treatment).
+"""ANML meta-training: a differentiable inner loop with `higher` on RLN + fc, an Adam outer step on everything. The
+same meta-training serves the treatments ANML is compared with (RunConfig.treatment): SANML, ANML without its NM, and
+OML, whose inner loop changes its PLN; Pretrain & Transfer trains an ANML i.i.d. instead (supervised_step).
 
 Read top to bottom: the run's config, the lobotomy, one meta-training step (a task's meta-gradient, then Adam) and
 the plain loop it equals, one iteration (sampling included), the step eager or graphed, the outer rate, the run's
@@ -33,25 +34,32 @@ import cuda_graph
 import workers
 from runtime import Stopped
 from datasets import Omniglot, sample_meta_train
-from model import ANML, SANML, Plastic, build_model, kaiming_conv_init, model_sizes
+from model import Network, build_model, kaiming_conv_init, model_sizes
 
 log = logging.getLogger(__name__)
+
+
+META_ITERATIONS = 30000
+# A meta-training iteration shows the network 20 trajectory drawings in the inner loop and 84 in the outer loss:
+# Pretrain & Transfer is matched to ANML by these drawings, as many in its i.i.d. batches as in ANML's iterations.
+DRAWINGS_PER_META_ITERATION = 20 + 84
 
 
 @dataclass
 class RunConfig:
     """A meta-training run's recipe and bookkeeping; saved in every state file and read back on resume.
 
-    The defaults are the published recipe. Runs saved before treatment, outer_lr_schedule and conv_init existed
-    used what are still their defaults.
+    The defaults are the published recipe. Runs saved before treatment, batch_size, outer_lr_schedule and conv_init
+    existed used what are still their defaults.
     """
-    treatment: str = "anml"  # or "sanml": ANML without its NM, meta-trained the same way
+    treatment: str = "anml"  # "sanml", "oml" (meta-trained the same way) or "pretrain" (i.i.d. batches)
     rln: int = 256  # RLN channels
     nm: int = 112  # NM channels
     mask: int | None = None  # gate size: 9 x rln unless given
-    epochs: int = 30000  # meta-training iterations
-    inner_lr: float = 0.1  # inner-loop SGD on RLN + fc
-    outer_lr: float = 0.003  # outer Adam on NM, RLN and fc
+    epochs: int | None = None  # iterations: 30,000, or for pretrain as many batches as see ANML's drawings
+    inner_lr: float = 0.1  # inner-loop SGD on what the inner loop changes
+    outer_lr: float = 0.003  # outer Adam on everything (pretrain: its one Adam)
+    batch_size: int = 256  # pretrain: drawings per batch
     outer_lr_schedule: str = "constant"  # or "cosine": from outer_lr to 0 over the epochs
     conv_init: str = "default"  # or "kaiming": every conv weight re-drawn Kaiming-normal at the start
     seed: int = 1  # the reference code's default, and the shipped run's
@@ -62,6 +70,9 @@ class RunConfig:
     def __post_init__(self):
         if self.mask is None:
             self.mask = 9 * self.rln
+        if self.epochs is None:
+            self.epochs = (META_ITERATIONS if self.treatment != "pretrain"
+                           else math.ceil(META_ITERATIONS * DRAWINGS_PER_META_ITERATION / self.batch_size))
 
     @property
     def sizes(self) -> tuple[int, ...]:
@@ -75,42 +86,39 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)  # CPU and every CUDA device
 
 
-def lobotomize(model: ANML | SANML, cls: int) -> None:
+def lobotomize(model: Network, cls: int) -> None:
     """Re-draw the fc row of one class so the network cannot have memorised it."""
     with torch.no_grad():
         nn.init.kaiming_normal_(model.fc.weight[cls].unsqueeze(0))
 
 
-def meta_gradient(model: ANML | SANML, traj_ims: torch.Tensor, traj_labels: torch.Tensor,
+def meta_gradient(model: Network, traj_ims: torch.Tensor, traj_labels: torch.Tensor,
                   remember_ims: torch.Tensor, remember_labels: torch.Tensor,
                   inner_lr: float = 0.1) -> tuple[torch.Tensor, torch.Tensor]:
     """The meta-gradient of one task (after the lobotomy), added into the .grad of every parameter; returns the outer
     loss and accuracy as device tensors.
 
-    Inner loop (train-train): one SGD step on RLN + fc per trajectory drawing, kept differentiable. Outer loss
-    (train-test): the adapted network's loss on trajectory + remember set, back-propagated through the inner
-    loop into NM, RLN and fc. An SANML has no NM: RLN + fc are the whole of it.
+    Inner loop (train-train): one SGD step per trajectory drawing on what the inner loop changes (an ANML's RLN + fc,
+    all of an SANML, OML's PLN), kept differentiable. Outer loss (train-test): the adapted network's loss on
+    trajectory + remember set, back-propagated through the inner loop into every parameter: second order.
     """
     ims = torch.cat([traj_ims, remember_ims])
     labels = torch.cat([traj_labels, remember_labels])
-    # The inner loop does not update the NM, so each image's gate is the same at every step: compute it
-    # once, outside the differentiable copy. Its gradient still reaches the NM through the gates, while
-    # each inner step differentiates only RLN + fc, not the whole unrolled history.
-    gates = model.nm(ims) if isinstance(model, ANML) else None
-    plastic = Plastic(model)
+    # What the inner loop reads but does not change (an ANML's gates, OML's RLN features) is the same at every step:
+    # computed once, outside the differentiable copy, its gradient still reaches its parameters, while each inner step
+    # differentiates only what it changes, not the whole unrolled history.
+    fixed, plastic = model.inner_loop(ims)
     inner_opt = torch.optim.SGD(plastic.parameters(), lr=inner_lr)
     with higher.innerloop_ctx(plastic, inner_opt, copy_initial_weights=False) as (fplastic, diffopt):
         for i in range(len(traj_ims)):
-            step = slice(i, i + 1)
-            gate = None if gates is None else gates[step]
-            diffopt.step(F.cross_entropy(fplastic(traj_ims[step], gate), traj_labels[step]))
-        logits = fplastic(ims, gates)
+            diffopt.step(F.cross_entropy(fplastic(*(t[i:i + 1] for t in fixed)), traj_labels[i:i + 1]))
+        logits = fplastic(*fixed)
         loss = F.cross_entropy(logits, labels)
         loss.backward()
     return loss.detach(), (logits.argmax(1) == labels).float().mean()
 
 
-def meta_step(model: ANML | SANML, outer_opt: torch.optim.Optimizer,
+def meta_step(model: Network, outer_opt: torch.optim.Optimizer,
               traj_ims: torch.Tensor, traj_labels: torch.Tensor,
               remember_ims: torch.Tensor, remember_labels: torch.Tensor,
               inner_lr: float = 0.1) -> tuple[torch.Tensor, torch.Tensor]:
@@ -122,13 +130,13 @@ def meta_step(model: ANML | SANML, outer_opt: torch.optim.Optimizer,
     return loss_acc
 
 
-def plain_meta_step(model: ANML | SANML, outer_opt: torch.optim.Optimizer,
+def plain_meta_step(model: Network, outer_opt: torch.optim.Optimizer,
                     traj_ims: torch.Tensor, traj_labels: torch.Tensor,
                     remember_ims: torch.Tensor, remember_labels: torch.Tensor,
                     inner_lr: float = 0.1) -> tuple[torch.Tensor, torch.Tensor]:
     """meta_step written the obvious way, to check and time it against: the whole network in `higher`'s
-    differentiable copy, SGD over RLN + fc, an ANML's NM recomputed at every inner step."""
-    inner_opt = torch.optim.SGD([*model.rln.parameters(), *model.fc.parameters()], lr=inner_lr)
+    differentiable copy, SGD over what the inner loop changes, the rest (an ANML's NM) recomputed at every step."""
+    inner_opt = torch.optim.SGD(model.inner_parameters(), lr=inner_lr)
     with higher.innerloop_ctx(model, inner_opt, copy_initial_weights=False) as (fmodel, diffopt):
         for i in range(len(traj_ims)):
             diffopt.step(F.cross_entropy(fmodel(traj_ims[i:i + 1]), traj_labels[i:i + 1]))
@@ -142,7 +150,7 @@ def plain_meta_step(model: ANML | SANML, outer_opt: torch.optim.Optimizer,
     return loss.detach(), (logits.argmax(1) == labels).float().mean()
 
 
-def meta_iteration(model: ANML | SANML, data: Omniglot,
+def meta_iteration(model: Network, data: Omniglot,
                    step: Callable[..., tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
     """One meta-training iteration: draw a task from torch's global generator, lobotomize its class (every worker
     receives every worker's re-drawn row under torchrun), then `step` on the task's four tensors: meta_step with its
@@ -155,12 +163,31 @@ def meta_iteration(model: ANML | SANML, data: Omniglot,
     return step(*data.batch(traj), *data.batch(remember))
 
 
-def eager_step(model: ANML | SANML, outer_opt: torch.optim.Optimizer, inner_lr: float) -> Callable:
+def supervised_step(model: Network, optimizer: torch.optim.Optimizer, ims: torch.Tensor,
+                    labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One step of Pretrain & Transfer's pre-training: the optimizer on the cross-entropy of a batch, the whole network
+    learning; returns the loss and accuracy as device tensors."""
+    logits = model(ims)
+    loss = F.cross_entropy(logits, labels)
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad()
+    return loss.detach(), (logits.argmax(1) == labels).float().mean()
+
+
+def supervised_iteration(model: Network, data: Omniglot, step: Callable[..., tuple[torch.Tensor, torch.Tensor]],
+                         batch_size: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+    """One iteration of Pretrain & Transfer: `step` on a batch drawn uniformly without replacement from the whole
+    split (torch's global generator), i.i.d. across iterations; under torchrun each worker draws its own."""
+    return step(*data.batch(torch.randperm(len(data.labels))[:batch_size]))
+
+
+def eager_step(model: Network, outer_opt: torch.optim.Optimizer, inner_lr: float) -> Callable:
     """meta_step of this model, optimizer and inner rate, as a function of the task's four tensors."""
     return functools.partial(meta_step, model, outer_opt, inner_lr=inner_lr)
 
 
-def graphed_step(model: ANML | SANML, outer_opt: torch.optim.Optimizer, inner_lr: float) -> Callable:
+def graphed_step(model: Network, outer_opt: torch.optim.Optimizer, inner_lr: float) -> Callable:
     """eager_step replayed as a CUDA graph (CUDA only; see cuda_graph.CudaGraphed). In one process the graph holds the
     whole step, Adam included; under torchrun it holds the meta-gradient, and the all-reduce and Adam follow it
     eagerly (cuda_graph.graphed_gradient)."""
@@ -189,7 +216,7 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
             group["lr"] = lr
 
 
-def outer_optimizer(model: ANML | SANML, lr: float) -> torch.optim.Adam:
+def outer_optimizer(model: Network, lr: float) -> torch.optim.Adam:
     """Adam over all of the network; under torchrun it first averages the gradients across workers."""
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     if workers.world_size() > 1:
@@ -205,7 +232,7 @@ class Diverged(Exception):
 class RunState:
     """What a run needs to go on: the model, its outer optimizer, its config, the next iteration to run and the
     random state it draws from."""
-    model: ANML | SANML
+    model: Network
     optimizer: torch.optim.Adam
     config: RunConfig
     iteration: int = 0
@@ -355,7 +382,12 @@ class _Run:
             with checkpoints.atomic_path(out_dir / "config.json") as tmp:  # the recipe, readable beside the run
                 tmp.write_text(json.dumps(dataclasses.asdict(config), indent=1) + "\n")
         with self.on_stream():
-            self.step = (graphed_step if graphed else eager_step)(state.model, state.optimizer, config.inner_lr)
+            if config.treatment == "pretrain":  # a plain supervised step, eager on any device
+                self.step = functools.partial(supervised_step, state.model, state.optimizer)
+                self.draw = functools.partial(supervised_iteration, batch_size=config.batch_size)
+            else:
+                self.step = (graphed_step if graphed else eager_step)(state.model, state.optimizer, config.inner_lr)
+                self.draw = meta_iteration
         self.window, self.last, self.stopped, self.start = [], None, False, state.iteration
         self.bar = cleanup.enter_context(tqdm(initial=state.iteration, total=config.epochs, desc=desc,
                                               disable=workers.rank() > 0))
@@ -377,7 +409,7 @@ class _Run:
         checkpoints.set_rng_state(state.rng)
         with self.on_stream():
             set_lr(state.optimizer, get_lr(it, config))
-            loss_acc = torch.stack(meta_iteration(state.model, self.data, self.step))
+            loss_acc = torch.stack(self.draw(state.model, self.data, self.step))
             # Under torchrun: the meta-batch's mean loss and accuracy, and whether any worker was interrupted.
             loss_acc, self.stopped = workers.mean_and_any(loss_acc, bool(interrupted))
             self.window.append(loss_acc)

@@ -16,7 +16,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from model import ANML, SANML, build_model
+from model import Network, build_model
 
 if sys.platform != "win32":
     import fcntl
@@ -25,7 +25,9 @@ log = logging.getLogger(__name__)
 
 # Each treatment's checkpoint name: its sizes (model.model_sizes), its name, the iteration. ANML's is the published one.
 CHECKPOINT_NAMES = {"anml": (re.compile(r"^(\d+)_(\d+)_(\d+)_ANML-(\d+)\.pth$"), "{}_{}_{}_ANML-{}.pth"),
-                    "sanml": (re.compile(r"^(\d+)_SANML-(\d+)\.pth$"), "{}_SANML-{}.pth")}
+                    "sanml": (re.compile(r"^(\d+)_SANML-(\d+)\.pth$"), "{}_SANML-{}.pth"),
+                    "oml": (re.compile(r"^(\d+)_OML-(\d+)\.pth$"), "{}_OML-{}.pth"),
+                    "pretrain": (re.compile(r"^(\d+)_(\d+)_(\d+)_PRETRAIN-(\d+)\.pth$"), "{}_{}_{}_PRETRAIN-{}.pth")}
 
 
 class CheckpointName(NamedTuple):
@@ -53,8 +55,8 @@ def read_checkpoint_name(path: Path) -> CheckpointName:
     """parse_checkpoint_name, refusing a name that is no checkpoint's."""
     name = parse_checkpoint_name(path)
     if name is None:
-        raise ValueError(f"{path}: checkpoint name must look like 256_112_2304_ANML-29999.pth "
-                         "(RLN_NM_MASK_ANML-ITER.pth) or 256_SANML-29999.pth (RLN_SANML-ITER.pth); rename it")
+        raise ValueError(f"{path}: checkpoint name must look like 256_112_2304_ANML-29999.pth (RLN_NM_MASK_ANML-ITER"
+                         ".pth), 256_SANML-29999.pth, 256_OML-24999.pth or 256_112_2304_PRETRAIN-12187.pth; rename it")
     return name
 
 
@@ -141,7 +143,7 @@ def _read(path: Path, what: str, keys: tuple[str, ...]) -> dict:
     return obj
 
 
-def load_model(path: Path, device: torch.device | str = "cpu") -> ANML | SANML:
+def load_model(path: Path, device: torch.device | str = "cpu") -> Network:
     """The network of the treatment and sizes in the checkpoint's name, with the checkpoint's weights."""
     path = Path(path)
     if not path.is_file():
@@ -149,7 +151,7 @@ def load_model(path: Path, device: torch.device | str = "cpu") -> ANML | SANML:
     name = read_checkpoint_name(path)
     model = build_model(name.treatment, name.sizes)
     described = f"{type(model).__name__}({', '.join(map(str, name.sizes))})"
-    state = _read(path, f"{'an' if name.treatment == 'anml' else 'a'} {type(model).__name__} checkpoint", ())
+    state = _read(path, f"{'an' if type(model).__name__[0] in 'AO' else 'a'} {type(model).__name__} checkpoint", ())
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     found = {k: tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__ for k, v in state.items()}
     mismatch = next((k for k in [*expected, *found] if expected.get(k) != found.get(k)), None)
@@ -170,7 +172,7 @@ def first_non_finite(tensors: dict[str, torch.Tensor]) -> str | None:
     return next((name for name, t in tensors.items() if t.is_floating_point() and not t.isfinite().all()), None)
 
 
-def save_run(path: Path, model: ANML | SANML, optimizer: dict, rng: list[dict], config: dict, iteration: int) -> None:
+def save_run(path: Path, model: Network, optimizer: dict, rng: list[dict], config: dict, iteration: int) -> None:
     """The weights as a plain state_dict at `path`, and beside them the state file: iteration, optimizer state,
     every worker's random state and the run's config. Both are written atomically."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -179,7 +181,7 @@ def save_run(path: Path, model: ANML | SANML, optimizer: dict, rng: list[dict], 
     save_atomic({k: v.detach().cpu() for k, v in model.state_dict().items()}, path)
 
 
-def load_run(checkpoint: Path, device: torch.device) -> tuple[ANML | SANML, dict]:
+def load_run(checkpoint: Path, device: torch.device) -> tuple[Network, dict]:
     """The weights of a checkpoint and its state file (iteration, optimizer, rng, settings), checked to belong
     together."""
     checkpoint = Path(checkpoint)

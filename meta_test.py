@@ -1,8 +1,10 @@
-"""Meta-testing: a trained ANML learns N unseen classes in sequence with Adam on its fc layer alone, then is tested.
+"""Meta-testing: a trained ANML (or a treatment) learns N unseen classes in sequence with Adam on its fc layer alone,
+then is tested.
 
-NM and RLN are frozen, so each drawing's gated features RLN(x) * NM(x) are fixed for a given model: they are
-computed once, and the training phase (test-train, in the paper's code) is Adam on the fc layer over those
-features; the test phase (test-test) classifies held-out drawings with the trained fc layer.
+NM and RLN are frozen, so each drawing's gated features RLN(x) * NM(x) (for a treatment, whatever its fc layer reads:
+model.features) are fixed for a given model: they are computed once, and the training phase (test-train, in the
+paper's code) is Adam on the fc layer over those features; the test phase (test-test) classifies held-out drawings
+with the trained fc layer.
 """
 from __future__ import annotations
 
@@ -18,18 +20,18 @@ from tqdm import tqdm
 from checkpoints import read_cache, save_atomic
 from datasets import Omniglot, sample_meta_test
 from datasets.omniglot import cache_dir
-from model import ANML
+from model import Network
 
 @torch.no_grad()
-def gated_features(model: ANML, data: Omniglot, batch_size: int = 500) -> torch.Tensor:
-    """RLN(x) * NM(x) of every drawing of `data`, [N, mask_size], on the model's device."""
+def gated_features(model: Network, data: Omniglot, batch_size: int = 500) -> torch.Tensor:
+    """model.features of every drawing of `data` (an ANML's RLN(x) * NM(x)), [N, fc inputs], on the model's device."""
     device = next(model.parameters()).device
     chunks = torch.arange(len(data.labels)).split(batch_size)
     return torch.cat([model.features(data.batch(c)[0].to(device))
                       for c in tqdm(chunks, desc="features", leave=False)])
 
 
-def cached_features(checkpoint: Path, model: ANML, data: Omniglot) -> torch.Tensor:
+def cached_features(checkpoint: Path, model: Network, data: Omniglot) -> torch.Tensor:
     """gated_features, kept on disk under a key of the checkpoint's bytes and the data set's."""
     digest = hashlib.sha256(Path(checkpoint).read_bytes()).hexdigest()[:20]
     path = cache_dir() / f"features-{digest}-{data.key}.pt"
@@ -51,7 +53,7 @@ class MetaTestRuns(NamedTuple):
     bias: torch.Tensor  # [runs, 1000]
 
 
-def fresh_fc_weight(model: ANML, generator: torch.Generator) -> torch.Tensor:
+def fresh_fc_weight(model: Network, generator: torch.Generator) -> torch.Tensor:
     """The fc weight re-drawn Kaiming-normal, on the model's device (the bias stays as loaded)."""
     weight = torch.empty(model.fc.weight.shape)
     nn.init.kaiming_normal_(weight, generator=generator)
@@ -124,7 +126,7 @@ def fc_accuracy(weight: torch.Tensor, bias: torch.Tensor, features: torch.Tensor
     return correct.float().mean(2).mean(1)
 
 
-def meta_test_runs(model: ANML, features: torch.Tensor, data: Omniglot, n_classes: int, lr: float,
+def meta_test_runs(model: Network, features: torch.Tensor, data: Omniglot, n_classes: int, lr: float,
                    seeds: list[int], n_train: int = 15) -> MetaTestRuns:
     """Meta-test runs on precomputed features, one per seed.
 
@@ -155,7 +157,7 @@ def meta_test_runs(model: ANML, features: torch.Tensor, data: Omniglot, n_classe
     return MetaTestRuns(test, train, weight, bias)
 
 
-def plain_meta_test_run(model: ANML, data: Omniglot, n_classes: int, lr: float, n_train: int = 15,
+def plain_meta_test_run(model: Network, data: Omniglot, n_classes: int, lr: float, n_train: int = 15,
                         seed: int = 0) -> tuple[float, float, nn.Linear]:
     """A meta-test run written as the spec states it, to check meta_test_runs against: the whole model, NM and RLN
     frozen, one torch.optim.Adam step on fc per drawing. Modifies `model`; returns test and train accuracy and fc.

@@ -1,5 +1,8 @@
 """The networks: ANML, a representation network (RLN) gated element-wise by a neuromodulatory network (NM), and the
-treatments it is compared with (SANML: the RLN and fc alone)."""
+treatments it is compared with: SANML (the RLN and fc alone) and OML (a conv RLN and a two-layer PLN).
+
+Each says how meta-training's inner loop splits it (`inner_loop`): what the inner loop reads but never changes,
+computed once for a task's drawings, and the module that it changes, which maps those to logits."""
 from __future__ import annotations
 
 import torch
@@ -152,6 +155,14 @@ class ANML(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc(self.features(x))
 
+    def inner_loop(self, x: torch.Tensor) -> tuple[tuple[torch.Tensor, ...], nn.Module]:
+        # The inner loop does not update the NM, so each drawing's gate is the same at every step: computed once,
+        # outside the differentiable copy, its gradient still reaches the NM through the gates.
+        return (x, self.nm(x)), Plastic(self)
+
+    def inner_parameters(self) -> list[nn.Parameter]:
+        return [*self.rln.parameters(), *self.fc.parameters()]
+
 
 class SANML(nn.Module):
     """ANML without its neuromodulation: the RLN read by the fc layer, the NM gone entirely (the authors' later code,
@@ -169,35 +180,92 @@ class SANML(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc(self.features(x))
 
+    def inner_loop(self, x: torch.Tensor) -> tuple[tuple[torch.Tensor, ...], nn.Module]:
+        return (x,), self  # the inner loop changes all of it
 
-# Each treatment's network, built from its sizes (model_sizes below).
-MODELS = {"anml": ANML, "sanml": SANML}
+    def inner_parameters(self) -> list[nn.Parameter]:
+        return list(self.parameters())
+
+
+class PLN(nn.Module):
+    """OML's prediction learning network: a hidden linear layer and ReLU, then the fc layer to the outputs."""
+
+    def __init__(self, in_features: int, hidden: int = 1024):
+        super().__init__()
+        self.hidden = nn.Linear(in_features, hidden)
+        self.fc = nn.Linear(hidden, N_OUTPUTS)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(F.relu(self.hidden(x)))
+
+
+class OML(nn.Module):
+    """OML (Javed & White 2019) as the ANML paper ran it, the original ANML code's OML treatment: an RLN of six 3x3
+    convs with ReLU, no norm and no pool, strides 1, 1, 1, 2, 1, 2 (28x28 -> chs x 3 x 3), and a PLN of two linear
+    layers (2304 -> 1024 -> 1000). Weights Kaiming-normal and biases zero, as both that code and OML's own initialise
+    them. The inner loop changes the PLN only."""
+
+    STRIDES = (1, 1, 1, 2, 1, 2)
+
+    def __init__(self, rln_chs: int = 256):
+        super().__init__()
+        layers, chs = [], 1
+        for stride in self.STRIDES:
+            layers += [nn.Conv2d(chs, rln_chs, kernel_size=3, stride=stride), nn.ReLU()]
+            chs = rln_chs
+        self.rln = nn.Sequential(*layers, nn.Flatten())
+        self.pln = PLN(rln_chs * 9)
+        for module in self.modules():
+            if isinstance(module, (nn.Conv2d, nn.Linear)):
+                nn.init.kaiming_normal_(module.weight)
+                nn.init.zeros_(module.bias)
+
+    @property
+    def fc(self) -> nn.Linear:
+        """The last layer, which the lobotomy re-draws rows of, and which meta-testing OML-OLFT trains."""
+        return self.pln.fc
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """What the last layer reads: the PLN's hidden layer after its ReLU."""
+        return F.relu(self.pln.hidden(self.rln(x)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.pln(self.rln(x))
+
+    def inner_loop(self, x: torch.Tensor) -> tuple[tuple[torch.Tensor, ...], nn.Module]:
+        # The inner loop does not change the RLN: its features are computed once, outside the differentiable copy.
+        return (self.rln(x),), self.pln
+
+    def inner_parameters(self) -> list[nn.Parameter]:
+        return list(self.pln.parameters())
+
+
+Network = ANML | SANML | OML
+
+# Each treatment's network, built from its sizes (model_sizes below). Pretrain & Transfer trains an ANML i.i.d.
+MODELS = {"anml": ANML, "sanml": SANML, "oml": OML, "pretrain": ANML}
 
 
 def model_sizes(treatment: str, rln: int, nm: int, mask: int) -> tuple[int, ...]:
-    """The sizes that build a treatment's network and name its checkpoints: an SANML has no NM and no gate."""
-    return (rln, nm, mask) if treatment == "anml" else (rln,)
+    """The sizes that build a treatment's network and name its checkpoints: SANML and OML have no NM and no gate."""
+    return (rln, nm, mask) if MODELS[treatment] is ANML else (rln,)
 
 
-def build_model(treatment: str, sizes: tuple[int, ...]) -> ANML | SANML:
+def build_model(treatment: str, sizes: tuple[int, ...]) -> Network:
     return MODELS[treatment](*sizes)
 
 
 class Plastic(nn.Module):
-    """The RLN and fc of a network (shared, not copied), applied to inputs whose NM gate is already known (or, for a
-    network without an NM, to inputs alone: `gate` None).
+    """An ANML's RLN and fc (shared, not copied), applied to inputs whose NM gate is already known: what the inner
+    loop updates, and so all that goes into its differentiable copy."""
 
-    The inner loop updates only these, so only these go into its differentiable copy.
-    """
-
-    def __init__(self, model: ANML | SANML):
+    def __init__(self, model: ANML):
         super().__init__()
         self.rln = model.rln
         self.fc = model.fc
 
-    def forward(self, x: torch.Tensor, gate: torch.Tensor | None = None) -> torch.Tensor:
-        features = self.rln(x)
-        return self.fc(features if gate is None else features * gate)
+    def forward(self, x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.rln(x) * gate)
 
 
 def kaiming_conv_init(model: nn.Module) -> None:

@@ -1,4 +1,5 @@
-"""Meta-train an ANML (or SANML, ANML without its NM) on Omniglot's background set: python train_omni.py [flags]."""
+"""Meta-train an ANML on Omniglot's background set, or a treatment it is compared with (SANML, OML, Pretrain &
+Transfer): python train_omni.py [flags]."""
 from __future__ import annotations
 
 import argparse
@@ -28,15 +29,18 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__)
     # Run settings default to None so that --resume can tell a flag given from a flag left out.
     p.add_argument("--treatment", choices=list(MODELS),
-                   help="anml, or sanml: ANML without its NM, meta-trained the same way (default anml)")
+                   help="anml; sanml: ANML without its NM; oml: OML's network, its PLN adapted in the inner loop; "
+                   "pretrain: an ANML trained on i.i.d. batches (default anml)")
     p.add_argument("--rln", type=int, help=f"RLN channels (default {DEFAULTS.rln})")
     p.add_argument("--nm", type=int, help=f"NM channels (default {DEFAULTS.nm})")
     p.add_argument("--mask", type=int, help="gate size, 9 x RLN channels (default 9 x --rln)")
-    p.add_argument("--epochs", type=int, help=f"meta-training iterations (default {DEFAULTS.epochs})")
+    p.add_argument("--epochs", type=int, help=f"iterations (default {DEFAULTS.epochs}; pretrain: as many batches as "
+                   "see the drawings of 30,000 meta-training iterations)")
     p.add_argument("--inner-lr", "--inner_lr", type=float,
                    help=f"inner-loop SGD learning rate (default {DEFAULTS.inner_lr})")
     p.add_argument("--outer-lr", "--outer_lr", type=float,
                    help=f"outer Adam learning rate (default {DEFAULTS.outer_lr})")
+    p.add_argument("--batch-size", type=int, help=f"pretrain: drawings per batch (default {DEFAULTS.batch_size})")
     p.add_argument("--outer-lr-schedule", choices=["constant", "cosine"],
                    help="outer rate constant, or cosine-decayed from --outer-lr to 0 over --epochs (default constant)")
     p.add_argument("--conv-init", choices=["default", "kaiming"],
@@ -108,13 +112,18 @@ def out_dirs(args: argparse.Namespace) -> list[Path]:
 def check_args(args: argparse.Namespace, dirs: list[Path]) -> None:
     """Refuse bad flags before any work; a new run must not overwrite another run's log and checkpoints (the
     shipped model's, for one)."""
-    for key in ("rln", "nm", "mask", "epochs", "save_every", "log_every", "keep_states"):
+    for key in ("rln", "nm", "mask", "epochs", "batch_size", "save_every", "log_every", "keep_states"):
         if getattr(args, key) is not None and getattr(args, key) < 1:
             raise ValueError(f"{flag(key)} {getattr(args, key)} must be at least 1")
-    if args.treatment == "sanml":
-        for key in ("nm", "mask"):
-            if getattr(args, key) is not None:
-                raise ValueError(f"{flag(key)} sizes the NM's gate, and an SANML has no NM; drop {flag(key)}")
+    # Flags that mean nothing for a treatment, each with why.
+    meaningless = {"sanml": {"nm": "an SANML has no NM", "mask": "an SANML has no NM", "batch_size": "it meta-trains"},
+                   "oml": {"nm": "OML has no NM", "mask": "OML has no NM", "batch_size": "it meta-trains",
+                           "conv_init": "OML's convs are Kaiming-initialised already"},
+                   "pretrain": {"inner_lr": "pre-training has no inner loop"}}
+    for key, why in meaningless.get(args.treatment, {"batch_size": "only pretrain trains on batches"}).items():
+        if getattr(args, key) is not None:
+            raise ValueError(f"{flag(key)} means nothing with --treatment {args.treatment or 'anml'}: {why}; drop "
+                             f"{flag(key)}")
     for seed in args.seed or []:
         if not 0 <= seed < 2**32:
             raise ValueError(f"--seed {seed} is outside 0..{2**32 - 1}, the seeds numpy accepts")

@@ -1,13 +1,15 @@
-"""Seconds per meta-training iteration: this project's meta_step against the plain higher loop, same inputs; on
-CUDA also meta_step replayed as one CUDA graph (TF32 off, as in training).
+"""Seconds per meta-training iteration of a treatment's network (ANML, SANML or OML at their default sizes): this
+project's meta_step against the plain higher loop, same inputs, and the peak memory of each; on CUDA also meta_step
+replayed as one CUDA graph (TF32 off, as in training).
 
-    OMNIGLOT_ROOT=../shared/omniglot python benchmarks/meta_step.py [--iterations 5] [-d cpu]
+    OMNIGLOT_ROOT=../shared/omniglot python benchmarks/meta_step.py [--treatment anml] [--iterations 5] [-d cpu]
 """
 from __future__ import annotations
 
 import argparse
 import copy
 import functools
+import resource
 import statistics
 import sys
 import time
@@ -20,7 +22,7 @@ import anml  # noqa: E402
 import cuda_graph  # noqa: E402
 import runtime  # noqa: E402
 from datasets import find_root, load_split, sample_meta_train  # noqa: E402
-from model import ANML  # noqa: E402
+from model import Network, build_model  # noqa: E402
 
 
 def seconds_per_step(step, tasks, device, warmup: int = 1) -> float:
@@ -35,13 +37,22 @@ def seconds_per_step(step, tasks, device, warmup: int = 1) -> float:
     return statistics.median(times[warmup:])
 
 
-def eager(step, model: ANML, capturable: bool = False):
+def peak_memory(device) -> float:
+    """MB: on CUDA the most allocated since the last reset; on a CPU the process's peak resident size so far."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10
+
+
+def eager(step, model: Network, capturable: bool = False):
     opt = torch.optim.Adam(model.parameters(), lr=0.003, capturable=capturable)
     return functools.partial(step, model, opt)
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--treatment", choices=["anml", "sanml", "oml"], default="anml",
+                   help="whose network and inner loop (default anml)")
     p.add_argument("--iterations", type=int, default=5, help="timed iterations per path (plus warm-up)")
     p.add_argument("-d", "--device", choices=["cpu", "cuda"])
     args = p.parse_args()
@@ -55,7 +66,8 @@ def main() -> None:
     for _ in range(args.iterations + graph_warmup + 1):
         traj, remember = sample_meta_train(data)
         tasks.append((*data.batch(traj), *data.batch(remember)))
-    model = ANML().to(device)
+    sizes = {"anml": (256, 112, 2304), "sanml": (256,), "oml": (256,)}[args.treatment]
+    model = build_model(args.treatment, sizes).to(device)
 
     fast, plain = copy.deepcopy(model), copy.deepcopy(model)
     anml.meta_step(fast, torch.optim.SGD(fast.parameters(), lr=1.0), *tasks[0])
@@ -63,12 +75,21 @@ def main() -> None:
     worst, worst_name = max((((a - b).norm() / b.norm()).item(), name) for (name, a), b in
                             zip(fast.named_parameters(), plain.parameters()) if not name.endswith("conv.bias"))
 
+    # The fast path first: on a CPU the peak only grows, so the plain loop's figure is the larger of the two.
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     t_fast = seconds_per_step(eager(anml.meta_step, copy.deepcopy(model)), tasks[graph_warmup:], device)
+    m_fast = peak_memory(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     t_plain = seconds_per_step(eager(anml.plain_meta_step, copy.deepcopy(model)), tasks[graph_warmup:], device)
+    m_plain = peak_memory(device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    print(f"device {device} ({name}), {torch.get_num_threads()} threads, median of the iterations after warm-up")
-    print(f"plain higher loop  {t_plain:.4f} s/iteration")
-    print(f"anml.meta_step     {t_fast:.4f} s/iteration   {t_plain / t_fast:.1f}x the plain loop")
+    memory = "peak allocated" if device.type == "cuda" else "process's peak resident size after it"
+    print(f"{args.treatment}, device {device} ({name}), {torch.get_num_threads()} threads, median of the iterations "
+          f"after warm-up; memory: {memory}")
+    print(f"plain higher loop  {t_plain:.4f} s/iteration   {m_plain:.0f} MB")
+    print(f"anml.meta_step     {t_fast:.4f} s/iteration   {m_fast:.0f} MB   {t_plain / t_fast:.1f}x the plain loop")
     if device.type == "cuda":
         graphed = cuda_graph.CudaGraphed(eager(anml.meta_step, copy.deepcopy(model), capturable=True))
         t_graph = seconds_per_step(graphed, tasks, device, warmup=graph_warmup + 1)

@@ -40,7 +40,7 @@ def test_lobotomy_draws_kaiming_normal():
     assert abs(std - (2 / 2304) ** 0.5) < 0.02 * (2 / 2304) ** 0.5
 
 
-@pytest.mark.parametrize("treatment, sizes", [("anml", (32, 16, 288)), ("sanml", (32,))])
+@pytest.mark.parametrize("treatment, sizes", [("anml", (32, 16, 288)), ("sanml", (32,)), ("oml", (32,))])
 def test_meta_step_matches_plain_reference(treatment, sizes, background):
     """The fast step and the obvious higher loop over the whole network give the same outer update.
 
@@ -145,6 +145,25 @@ def test_gradient_graph_then_eager_adam_is_meta_step(background, monkeypatch):
     for task in tasks:
         assert torch.equal(torch.stack(eager_step(*task)), torch.stack(split_step(*task)))
     for a, b in zip(eager.state_dict().values(), split.state_dict().values()):
+        assert torch.equal(a, b)
+
+
+def test_pretrain_is_plain_supervised_training_on_iid_batches(background):
+    config = RunConfig(treatment="pretrain", rln=8, nm=4, batch_size=16)
+    assert RunConfig(treatment="pretrain").epochs == 12188  # 30,000 iterations' 104 drawings each, in batches of 256
+    state = RunState.fresh(config, torch.device("cpu"))
+    plain = copy.deepcopy(state.model)
+    plain_opt = torch.optim.Adam(plain.parameters(), lr=config.outer_lr)
+    step = functools.partial(anml.supervised_step, state.model, state.optimizer)
+    torch.manual_seed(4)
+    anml.supervised_iteration(state.model, background, step, config.batch_size)
+    torch.manual_seed(4)
+    batch = torch.randperm(len(background.labels))[:16]
+    assert len(set(background.labels[batch].tolist())) > 8  # drawn across the classes, not class by class
+    x, y = background.batch(batch)
+    torch.nn.functional.cross_entropy(plain(x), y).backward()
+    plain_opt.step()
+    for a, b in zip(state.model.parameters(), plain.parameters()):
         assert torch.equal(a, b)
 
 

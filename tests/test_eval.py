@@ -14,7 +14,7 @@ import eval_omni
 import meta_test
 import runtime
 from checkpoints import checkpoint_name, load_model
-from model import ANML
+from model import ANML, OML, SANML
 from tests.conftest import REPO, assert_one_line_error
 from tests.test_shipped_model import run_features, shipped_model
 
@@ -50,6 +50,17 @@ def test_fast_runs_match_the_plain_protocol(small_model, small_features, evaluat
             assert (fast.test_accuracy[run].item(), fast.train_accuracy[run].item()) == pytest.approx((test, train),
                                                                                                        abs=1e-6)
         assert not torch.equal(fast.weight[0], small_model.fc.weight)
+
+
+@pytest.mark.parametrize("network", [SANML(16), OML(16)], ids=["sanml", "oml"])
+def test_fast_runs_match_the_plain_protocol_for_the_treatments(network, evaluation):
+    """SANML and OML learn their last layer as ANML does (OML's: OML-OLFT), on the features it reads."""
+    network.eval()
+    features = meta_test.gated_features(network, evaluation)
+    fast = meta_test.meta_test_runs(network, features, evaluation, 4, 0.002, seeds=[21])
+    test, train, fc = meta_test.plain_meta_test_run(copy.deepcopy(network), evaluation, 4, 0.002, seed=21)
+    assert (fast.weight[0] - fc.weight).norm() / fc.weight.norm() < 1e-4
+    assert (fast.test_accuracy[0].item(), fast.train_accuracy[0].item()) == pytest.approx((test, train), abs=1e-6)
 
 
 def test_fc_adam_step_is_torch_adam_on_the_cross_entropy():

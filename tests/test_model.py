@@ -3,7 +3,7 @@ import torch
 import torch.nn.functional as F
 
 from checkpoints import checkpoint_name, load_model, parse_checkpoint_name
-from model import ANML, SANML, ConvBlock, instance_norm, max_pool
+from model import ANML, OML, SANML, ConvBlock, instance_norm, max_pool
 
 SPEC_SHAPES = {
     **{f"{net}.convBlock{i}.{part}": None for net in ("rln", "nm") for i in (1, 2, 3)
@@ -132,6 +132,20 @@ def test_sanml_checkpoint_round_trip(tmp_path):
     torch.save(model.state_dict(), wrong)
     with pytest.raises(ValueError, match=r"do not match an ANML\(16, 16, 144\)"):
         load_model(wrong)
+
+
+def test_oml_is_the_anml_codes_oml():
+    model = OML()
+    x = torch.rand(2, 1, 28, 28)
+    assert model.rln(x).shape == (2, 2304) and model.features(x).shape == (2, 1024) and model(x).shape == (2, 1000)
+    assert model.fc is model.pln.fc
+    convs = [m for m in model.rln if isinstance(m, torch.nn.Conv2d)]
+    assert [c.stride[0] for c in convs] == [1, 1, 1, 2, 1, 2] and all(c.out_channels == 256 for c in convs)
+    assert not any(isinstance(m, (torch.nn.GroupNorm, torch.nn.MaxPool2d)) for m in model.modules())
+    for layer in (convs[1], model.pln.hidden):  # Kaiming-normal weights, zero biases
+        assert layer.weight.std().item() == pytest.approx((2 / layer.weight[0].numel()) ** 0.5, rel=0.05)
+        assert not layer.bias.any()
+    assert [p for p in model.inner_parameters()] == list(model.pln.parameters())
 
 
 def test_checkpoint_errors(tmp_path):

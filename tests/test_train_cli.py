@@ -38,25 +38,29 @@ def test_three_iterations_write_a_loadable_checkpoint(tmp_path, omniglot_root):
     assert (tmp_path / "training_curve.png").read_bytes()[:4] == b"\x89PNG"
 
 
-def test_sanml_trains_resumes_and_meta_tests(tmp_path, omniglot_root):
-    """SANML, ANML without its NM: a checkpoint named for it holds no NM, resumes exactly, and eval_omni.py meta-tests
-    it from the file alone."""
-    common = ["--treatment", "sanml", "--rln", 16, "--seed", 3, "--log-every", 1, "--save-every", 2, "-d", "cpu",
-              "--data-root", omniglot_root]
+@pytest.mark.parametrize("treatment, flags, name, absent", [
+    ("sanml", [], "8_SANML-3.pth", "nm."),
+    ("oml", [], "8_OML-3.pth", "nm."),
+    ("pretrain", ["--nm", 4, "--batch-size", 16], "8_4_72_PRETRAIN-3.pth", "")])
+def test_treatments_train_resume_exactly_and_load_by_name(treatment, flags, name, absent, tmp_path, omniglot_root):
+    """Each treatment's checkpoint is named for it (without an NM where it has none), resumes exactly, and
+    eval_omni.py builds its network from the file alone (it stops at the data, which is missing, past the model)."""
+    common = ["--treatment", treatment, "--rln", 8, *flags, "--seed", 3, "--log-every", 1, "--save-every", 2, "-d",
+              "cpu", "--data-root", omniglot_root]
     train_omni(*common, "--epochs", 4, "--out-dir", tmp_path / "whole")
     train_omni(*common, "--epochs", 2, "--out-dir", tmp_path / "parts")
     train_omni("--resume", tmp_path / "parts", "--epochs", 4, "--data-root", omniglot_root, "-d", "cpu")
-    whole, parts = (torch.load(tmp_path / run / "16_SANML-3.pth", weights_only=True) for run in ("whole", "parts"))
-    assert not any(key.startswith("nm.") for key in whole) and whole["fc.weight"].shape == (1000, 144)
+    whole, parts = (torch.load(tmp_path / run / name, weights_only=True) for run in ("whole", "parts"))
+    assert not absent or not any(key.startswith(absent) for key in whole)
     assert all(torch.equal(whole[k], parts[k]) for k in whole)
-    command = ["eval_omni.py", "-m", tmp_path / "whole" / "16_SANML-3.pth", "-c", 5, "-l", 0.001, "-r", 2, "-d", "cpu",
-               "--data-root", omniglot_root]
-    result = subprocess.run([sys.executable, *map(str, command)], cwd=REPO, capture_output=True, text=True,
-                            timeout=600)
-    assert result.returncode == 0 and "Classes 5 Accuracy" in result.stdout, result.stderr
+    assert (tmp_path / "whole" / "training_log.csv").read_text() == (tmp_path / "parts" / "training_log.csv").read_text()
     refused = train_omni("--resume", tmp_path / "whole", "--treatment", "anml", "--epochs", 5, "--data-root",
                          omniglot_root, "-d", "cpu", check=False)
-    assert_one_line_error(refused, "--treatment anml differs from the resumed run's sanml")
+    assert_one_line_error(refused, f"--treatment anml differs from the resumed run's {treatment}")
+    result = subprocess.run([sys.executable, "eval_omni.py", "-m", str(tmp_path / "whole" / name), "-c", "5",
+                             "--no-download", "--data-root", str(tmp_path / "nowhere")], cwd=REPO,
+                            capture_output=True, text=True, timeout=600)
+    assert_one_line_error(result, "Omniglot not found")
 
 
 def test_resume_gives_the_uninterrupted_run(tmp_path, omniglot_root):
@@ -94,6 +98,10 @@ def test_several_seeds_train_together_and_resume_together(tmp_path, omniglot_roo
     (["--resume", "a/x.pth", "a/y.pth"], ["share a folder"]),
     (["--treatment", "sanml", "--nm", "8"], ["--nm", "no NM"]),
     (["--treatment", "sanml", "--mask", "144"], ["--mask", "no NM"]),
+    (["--treatment", "oml", "--nm", "8"], ["--nm", "OML has no NM"]),
+    (["--treatment", "oml", "--conv-init", "kaiming"], ["--conv-init", "Kaiming-initialised already"]),
+    (["--treatment", "pretrain", "--inner-lr", "0.1"], ["--inner-lr", "no inner loop"]),
+    (["--batch-size", "16"], ["--batch-size", "only pretrain"]),
 ])
 def test_several_runs_refuse_flags_that_do_not_fit(flags, words, tmp_path):
     assert_one_line_error(train_omni(*flags, "-d", "cpu", check=False, cwd=tmp_path), *words)

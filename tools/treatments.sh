@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The treatments' meta-training runs (issue 54): start each, or resume it from its newest resumable checkpoint, in the
+# The treatments' training runs (issue 54): start each, or resume it from its newest resumable checkpoint, in the
 # background, in ~/anml_runs/NAME (outside the repository; NAME.out beside it holds the progress), one thread each
 # unless THREADS says otherwise (a run alone on the 2-core machine: THREADS=2).
 #   bash tools/treatments.sh            # start or resume every run below
@@ -13,9 +13,11 @@ export OMNIGLOT_ROOT=${OMNIGLOT_ROOT:-$PWD/../shared/omniglot}
 export OMP_NUM_THREADS=${THREADS:-1}
 python=$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3 )
 
-# NAME and the flags of its new run: the shipped ANML's recipe (outer lr 0.001, seed 1) but for the treatment.
+# NAME and the flags of its new run (docs/treatments.md says where each recipe comes from).
 declare -A RUNS=(
     [sanml_seed_1]="--treatment sanml --outer-lr 0.001 --seed 1"
+    [oml_seed_1]="--treatment oml --inner-lr 0.03 --outer-lr 0.0001 --epochs 25000 --seed 1"
+    [pretrain_seed_1]="--treatment pretrain --outer-lr 0.001 --seed 1"
 )
 
 running() {  # NAME: whether a train_omni.py trains into that run's folder
