@@ -47,6 +47,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--select-runs", type=int, default=5,
                    help="runs per class count and rate that choose the rate, apart from the reported ones (default 5)")
     p.add_argument("-t", "--train-examples", type=int, default=15, help="training drawings per class (default 15)")
+    p.add_argument("--order", choices=meta_test.ORDERS, default="sequential",
+                   help="sequential: class after class (the continual-learning test, default); iid: the i.i.d. oracle, "
+                        "the same drawings and steps in a random order")
+    p.add_argument("--epochs", type=int, default=1,
+                   help="passes over the training drawings (default 1): the sequence again, or a fresh shuffle")
     p.add_argument("-d", "--device", choices=["cpu", "cuda"], help="default: cuda where available, else cpu")
     p.add_argument("--data-root", type=Path, help="folder holding omniglot-py/ (default $OMNIGLOT_ROOT, else ./data)")
     p.add_argument("--no-download", action="store_true", help="never download Omniglot; fail if it is absent")
@@ -57,6 +62,9 @@ def parser() -> argparse.ArgumentParser:
                    help="continue the evaluation stopped in --out FILE.json, given the same flags: the runs it "
                         "holds are kept, the rest are run")
     p.add_argument("--plot", type=Path, metavar="FILE.png", help="plot test accuracy against classes")
+    p.add_argument("--plot-sequence", type=Path, metavar="FILE.png",
+                   help="plot test accuracy by a class's position in the sequence, in bins of 10 classes, for each "
+                        "class count's reported runs at its chosen rate")
     p.add_argument("--save-rates", action="store_true",
                    help="write the rates chosen on the selection runs beside the model (MODEL.json), for later "
                         "evaluations without --lr")
@@ -79,6 +87,8 @@ def check_args(args: argparse.Namespace) -> None:
             raise ValueError(f"--lr {lr} is not a positive finite learning rate")
     if args.runs < 1 or args.select_runs < 1:
         raise ValueError("--runs and --select-runs must be at least 1")
+    if args.epochs < 1:
+        raise ValueError(f"--epochs {args.epochs} must be at least 1")
     if args.resume and args.out is None:
         raise ValueError("--resume continues the evaluation in --out FILE.json; give --out")
     if args.save_rates and len(args.lr or []) < 2:
@@ -88,7 +98,7 @@ def check_args(args: argparse.Namespace) -> None:
     if not args.model.is_file():
         raise FileNotFoundError(f"{args.model}: no such checkpoint; check the path")
     read_checkpoint_name(args.model)
-    for flag, path in (("--out", args.out), ("--plot", args.plot)):
+    for flag, path in (("--out", args.out), ("--plot", args.plot), ("--plot-sequence", args.plot_sequence)):
         if path is not None:
             if path.is_dir():
                 raise ValueError(f"{flag} {path} is a folder; name a file in it")
@@ -118,9 +128,10 @@ def learning_rates(args: argparse.Namespace) -> dict[int, list[float]]:
 def settings(args: argparse.Namespace, lrs: dict[int, list[float]]) -> dict:
     """What decides an evaluation's runs (`lrs`: learning_rates(args)), as its JSON records them: a stopped one
     resumes only under the same."""
-    return {"model": str(args.model), "train_examples": args.train_examples, "seed": args.seed,
-            "classes": args.classes, "rates": {str(n): rates for n, rates in lrs.items()},
-            "reported_runs": args.runs, "selection_runs": args.select_runs}
+    return {"model": str(args.model), "train_examples": args.train_examples, "order": args.order,
+            "epochs": args.epochs, "seed": args.seed, "classes": args.classes,
+            "rates": {str(n): rates for n, rates in lrs.items()}, "reported_runs": args.runs,
+            "selection_runs": args.select_runs}
 
 
 def stopped_runs(args: argparse.Namespace) -> list[dict]:
@@ -131,7 +142,7 @@ def stopped_runs(args: argparse.Namespace) -> list[dict]:
     if not args.resume:
         raise ValueError(f"--out {args.out} already holds results; continue them with --resume, or give another --out")
     try:
-        saved = json.loads(args.out.read_text())
+        saved = {"order": "sequential", "epochs": 1, **json.loads(args.out.read_text())}  # as before these existed
         runs = saved["runs"]
     except (ValueError, KeyError, TypeError):
         raise ValueError(f"--out {args.out} is not an evaluation's JSON; give another --out") from None
@@ -190,11 +201,14 @@ def run_group(model, features, data, n: int, lr: float, purpose: str, count: int
               args: argparse.Namespace) -> list[dict]:
     """`count` runs of one class count, rate and purpose, trained together."""
     seeds = [run_seed(args.seed, purpose, n, run) for run in range(count)]
-    result = meta_test.meta_test_runs(model, features, data, n, lr, seeds, args.train_examples)
+    result = meta_test.meta_test_runs(model, features, data, n, lr, seeds, args.train_examples, args.order,
+                                      args.epochs)
     return [{"classes": n, "lr": lr, "purpose": purpose, "run": run, "seed": seed, "test_accuracy": test,
-             "train_accuracy": train}
-            for run, (seed, test, train) in enumerate(zip(seeds, result.test_accuracy.tolist(),
-                                                          result.train_accuracy.tolist()))]
+             "train_accuracy": train, "test_by_class": [round(a, 4) for a in by_class[0]],
+             "train_by_class": [round(a, 4) for a in by_class[1]]}
+            for run, (seed, test, train, *by_class) in enumerate(zip(
+                seeds, result.test_accuracy.tolist(), result.train_accuracy.tolist(), result.test_by_class.tolist(),
+                result.train_by_class.tolist()))]
 
 
 def summarise(runs: list[dict], n: int, rates: list[float]) -> dict:
@@ -283,6 +297,30 @@ def plot(results: dict, path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
+def plot_sequence(results: dict, path: Path, bin_size: int = 10) -> None:
+    """Test accuracy by position in the sequence, a line per class count (its reported runs at its chosen rate): the
+    mean over runs of each bin of `bin_size` classes, with a band of one standard deviation."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for s in results["summary"]:
+        runs = np.array([r["test_by_class"] for r in results["runs"]
+                         if (r["classes"], r["lr"], r["purpose"]) == (s["classes"], s["lr"], "report")])
+        bins = [runs[:, i:i + bin_size].mean(1) for i in range(0, runs.shape[1], bin_size)]
+        mean, std = np.array([b.mean() for b in bins]), np.array([b.std() for b in bins])
+        positions = np.arange(len(bins)) * bin_size + min(bin_size, runs.shape[1]) / 2
+        ax.plot(positions, mean, marker=".", label=f"{s['classes']} classes (lr {s['lr']:g})")
+        ax.fill_between(positions, mean - std, mean + std, alpha=0.2)
+    ax.set(xlabel=f"position of the class in the sequence (bins of {bin_size})", ylabel="meta-test test accuracy",
+           ylim=(0, 1), title=f"{Path(results['model']).name}, {results['order']}, {results['epochs']} epoch(s)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
 def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     args = parse_args(argv)
@@ -315,6 +353,8 @@ def main(argv: list[str] | None = None) -> None:
         logging.info("chosen rates written to %s", save_rates(args.model, results, shlex.join(["python", *sys.argv])))
     if args.plot:
         plot(results, args.plot)
+    if args.plot_sequence:
+        plot_sequence(results, args.plot_sequence)
     print("\n" + table(results))
 
 

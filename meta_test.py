@@ -46,11 +46,29 @@ def cached_features(checkpoint: Path, model: Network, data: Omniglot) -> torch.T
 
 
 class MetaTestRuns(NamedTuple):
-    """Independent meta-test runs: per run the test and train accuracy, and the trained fc layer."""
+    """Independent meta-test runs: per run the test and train accuracy (each the mean over its classes, and per class
+    in the order the classes came), and the trained fc layer."""
     test_accuracy: torch.Tensor  # [runs]
     train_accuracy: torch.Tensor  # [runs]
     weight: torch.Tensor  # [runs, 1000, mask_size]
     bias: torch.Tensor  # [runs, 1000]
+    test_by_class: torch.Tensor  # [runs, classes]
+    train_by_class: torch.Tensor  # [runs, classes]
+
+
+ORDERS = ("sequential", "iid")
+
+
+def training_order(n_classes: int, n_train: int, order: str = "sequential", epochs: int = 1,
+                   generator: torch.Generator | None = None) -> torch.Tensor:
+    """The test-train steps of one run, as indices into its training drawings taken class after class
+    ([classes * n_train]): "sequential", class after class, the whole sequence again each epoch (as the original ANML
+    code's --epoch repeats it); "iid", the i.i.d. oracle, the same drawings in a fresh random order each epoch (as
+    its --iid shuffles them). Only "iid" draws from `generator`."""
+    drawings = n_classes * n_train
+    if order == "sequential":
+        return torch.arange(drawings).repeat(epochs)
+    return torch.cat([torch.randperm(drawings, generator=generator) for _ in range(epochs)])
 
 
 def fresh_fc_weight(model: Network, generator: torch.Generator) -> torch.Tensor:
@@ -91,19 +109,26 @@ _compiled_fc_adam_step = torch.compile(fc_adam_step, fullgraph=True, dynamic=Fal
 
 @torch.no_grad()
 def train_fc(weight: torch.Tensor, bias: torch.Tensor, features: torch.Tensor, labels: torch.Tensor,
-             lr: float) -> None:
+             lr: float, order: torch.Tensor | None = None) -> None:
     """The training phase (test-train): Adam on fc layers, one step per drawing (batch of 1) on the
-    cross-entropy, class after class.
+    cross-entropy, in each run's order: class after class, unless `order` says otherwise.
 
     Independent runs advance together, each strictly in its own order: weight [runs, 1000, mask_size] and
-    bias [runs, 1000] are trained in place; features [runs, classes, drawings, mask_size] in training
-    order; labels [runs, classes].
+    bias [runs, 1000] are trained in place; features [runs, classes, drawings, mask_size], class by class; labels
+    [runs, classes]; order [runs, steps], each step's drawing as an index into the run's drawings taken class after
+    class (training_order), by default each drawing once, class after class.
     """
     moments = tuple(torch.zeros_like(t) for t in (weight, weight, bias, bias))
+    flat_features = features.flatten(1, 2)
+    flat_labels = labels.repeat_interleave(features.shape[2], 1)
+    if order is not None:
+        order = order.to(features.device)
+        flat_features = flat_features.gather(1, order.unsqueeze(2).expand(-1, -1, features.shape[3]))
+        flat_labels = flat_labels.gather(1, order)
     # Contiguous per step: compiled code is specialised to its inputs' strides, and a run-major slice's stride
     # depends on the class count, which made every class count of a sweep compile anew (past dynamo's limit of 8).
-    xs = features.flatten(1, 2).transpose(0, 1).contiguous().unbind()
-    ys = labels.repeat_interleave(features.shape[2], 1).t().contiguous().unbind()
+    xs = flat_features.transpose(0, 1).contiguous().unbind()
+    ys = flat_labels.t().contiguous().unbind()
     # Adam's bias corrections, in float64 as torch.optim.Adam computes them; here rather than in the step, where the
     # compiled loop recomputed them for every element (2-4x slower); on the device, so that no step waits for a copy.
     steps = torch.arange(1, len(xs) + 1, dtype=torch.float64)
@@ -120,30 +145,33 @@ def train_fc(weight: torch.Tensor, bias: torch.Tensor, features: torch.Tensor, l
 @torch.no_grad()
 def fc_accuracy(weight: torch.Tensor, bias: torch.Tensor, features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """The test phase (test-test): accuracy of each run's fc layer on its [classes, drawings, mask_size] features,
-    per class, then averaged over classes. Shapes as in train_fc; returns [runs]."""
+    per class (the run's mean is their mean). Shapes as in train_fc; returns [runs, classes]."""
     logits = torch.baddbmm(bias.unsqueeze(1), features.flatten(1, 2), weight.transpose(1, 2))
     correct = logits.argmax(-1).view(features.shape[:3]) == labels.unsqueeze(2)
-    return correct.float().mean(2).mean(1)
+    return correct.float().mean(2)
 
 
 def meta_test_runs(model: Network, features: torch.Tensor, data: Omniglot, n_classes: int, lr: float,
-                   seeds: list[int], n_train: int = 15) -> MetaTestRuns:
-    """Meta-test runs on precomputed features, one per seed.
+                   seeds: list[int], n_train: int = 15, order: str = "sequential", epochs: int = 1) -> MetaTestRuns:
+    """Meta-test runs on precomputed features, one per seed, in the given order (training_order) for `epochs`.
 
-    A run's seed fixes its classes, their order, the splits, the drawing order and the fc initialisation, so
-    a run's numbers do not depend on which runs go with it.
+    A run's seed fixes its classes, their order, the splits, the drawing order, the fc initialisation and an i.i.d.
+    run's shuffles, so a run's numbers do not depend on which runs go with it; a sequential run draws nothing more
+    than it did before orders and epochs existed.
     """
-    train_idx, test_idx, weights = [], [], []
+    train_idx, test_idx, weights, orders = [], [], [], []
     for seed in seeds:
         generator = torch.Generator().manual_seed(seed)
         train, test = sample_meta_test(data, n_classes, n_train, generator)
         train_idx.append(train)
         test_idx.append(test)
         weights.append(fresh_fc_weight(model, generator))
+        orders.append(training_order(n_classes, n_train, order, epochs, generator))
     train_idx, test_idx = torch.stack(train_idx).to(features.device), torch.stack(test_idx).to(features.device)
     weight, bias = torch.stack(weights), model.fc.bias.detach().expand(len(seeds), -1).clone()
     labels = data.labels.to(features.device)[train_idx[:, :, 0]]
-    test, train = torch.empty(len(seeds)), torch.empty(len(seeds))
+    orders = torch.stack(orders)
+    test, train = torch.empty(len(seeds), n_classes), torch.empty(len(seeds), n_classes)
     # On a GPU a step of one run is too small to fill the device: the runs advance together and share each
     # step's kernel launches; on a CPU one run at a time was faster (measured 1.1-1.5x, with the eager step before
     # fc_adam_step was compiled): more of its 37 MB of weights, gradient and moments stays in cache between steps.
@@ -151,23 +179,25 @@ def meta_test_runs(model: Network, features: torch.Tensor, data: Omniglot, n_cla
     for start in range(0, len(seeds), batch):
         runs = slice(start, start + batch)
         train_features = features[train_idx[runs]]
-        train_fc(weight[runs], bias[runs], train_features, labels[runs], lr)
+        train_fc(weight[runs], bias[runs], train_features, labels[runs], lr, orders[runs])
         test[runs] = fc_accuracy(weight[runs], bias[runs], features[test_idx[runs]], labels[runs]).cpu()
         train[runs] = fc_accuracy(weight[runs], bias[runs], train_features, labels[runs]).cpu()
-    return MetaTestRuns(test, train, weight, bias)
+    return MetaTestRuns(test.mean(1), train.mean(1), weight, bias, test, train)
 
 
 def plain_meta_test_run(model: Network, data: Omniglot, n_classes: int, lr: float, n_train: int = 15,
-                        seed: int = 0) -> tuple[float, float, nn.Linear]:
+                        seed: int = 0, order: str = "sequential", epochs: int = 1) -> tuple[float, float, nn.Linear]:
     """A meta-test run written as the spec states it, to check meta_test_runs against: the whole model, NM and RLN
-    frozen, one torch.optim.Adam step on fc per drawing. Modifies `model`; returns test and train accuracy and fc.
+    frozen, one torch.optim.Adam step on fc per drawing, in the order given. Modifies `model`; returns test and train
+    accuracy and fc.
 
-    Draws its randomness in the order of meta_test_runs: the splits, then the fc weight.
+    Draws its randomness in the order of meta_test_runs: the splits, the fc weight, then an i.i.d. run's shuffles.
     """
     generator = torch.Generator().manual_seed(seed)
     train_idx, test_idx = sample_meta_test(data, n_classes, n_train, generator)
     weight = torch.empty(model.fc.weight.shape)
     nn.init.kaiming_normal_(weight, generator=generator)
+    steps = train_idx.flatten()[training_order(n_classes, n_train, order, epochs, generator)]
     with torch.no_grad():
         model.fc.weight.copy_(weight)
     for p in model.parameters():
@@ -175,12 +205,11 @@ def plain_meta_test_run(model: Network, data: Omniglot, n_classes: int, lr: floa
     for p in model.fc.parameters():
         p.requires_grad_(True)
     opt = torch.optim.Adam(model.fc.parameters(), lr=lr)
-    for cls in train_idx:
-        for i in cls:
-            x, y = data.batch(i.view(1))
-            opt.zero_grad()
-            F.cross_entropy(model(x), y).backward()
-            opt.step()
+    for i in steps:
+        x, y = data.batch(i.view(1))
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
 
     def accuracy(indices):
         with torch.no_grad():

@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -162,13 +163,38 @@ def test_flushing_denormals_changes_no_run(evaluation):
     assert flushed.test_accuracy.item() == pytest.approx(kept.test_accuracy.item(), abs=1e-6)
 
 
-def test_fc_accuracy_averages_over_classes():
+def test_fc_accuracy_is_per_class():
     weight, bias = torch.zeros(2, 1000, 2), torch.zeros(2, 1000)
     bias[0, 4] = 1  # run 0 always predicts class 4
     bias[1, 9] = 1  # run 1 always predicts class 9
     features = torch.zeros(2, 3, 5, 2)
     labels = torch.tensor([[4, 9, 9], [4, 9, 9]])
-    assert meta_test.fc_accuracy(weight, bias, features, labels).tolist() == pytest.approx([1 / 3, 2 / 3])
+    assert meta_test.fc_accuracy(weight, bias, features, labels).tolist() == [[1, 0, 0], [0, 1, 1]]
+
+
+@pytest.mark.parametrize("order, epochs", [("iid", 1), ("sequential", 2), ("iid", 3)])
+def test_orders_and_epochs_match_the_plain_protocol(order, epochs, small_model, small_features, evaluation):
+    """The i.i.d. oracle and several epochs: the same drawings and Adam, the steps in the run's order, on the fast
+    path and on the whole model alike; per class, the accuracies average to the run's."""
+    fast = meta_test.meta_test_runs(small_model, small_features, evaluation, 4, 0.002, seeds=[31], order=order,
+                                    epochs=epochs)
+    test, train, fc = meta_test.plain_meta_test_run(copy.deepcopy(small_model), evaluation, 4, 0.002, seed=31,
+                                                    order=order, epochs=epochs)
+    assert (fast.weight[0] - fc.weight).norm() / fc.weight.norm() < 1e-4
+    assert (fast.test_accuracy[0].item(), fast.train_accuracy[0].item()) == pytest.approx((test, train), abs=1e-6)
+    assert fast.test_by_class.shape == (1, 4) and fast.test_by_class.mean().item() == pytest.approx(test, abs=1e-6)
+    sequential = meta_test.meta_test_runs(small_model, small_features, evaluation, 4, 0.002, seeds=[31])
+    assert not torch.equal(fast.weight, sequential.weight)  # another order, or more steps, learns otherwise
+
+
+def test_training_orders():
+    g = torch.Generator().manual_seed(0)
+    assert meta_test.training_order(2, 3).tolist() == [0, 1, 2, 3, 4, 5]
+    assert meta_test.training_order(2, 3, "sequential", 2).tolist() == [0, 1, 2, 3, 4, 5] * 2
+    shuffled = meta_test.training_order(20, 15, "iid", 2, g)
+    first, second = shuffled[:300], shuffled[300:]
+    assert sorted(first.tolist()) == sorted(second.tolist()) == list(range(300))  # each drawing once an epoch
+    assert not torch.equal(first, second) and not torch.equal(first, torch.arange(300))
 
 
 def test_features_cache_is_keyed_by_checkpoint(small_model, evaluation, tmp_path, monkeypatch):
@@ -239,6 +265,27 @@ def test_end_to_end_with_sweep_json_and_plot(checkpoint, omniglot_root, tmp_path
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_oracle_and_epochs_keep_every_class_by_position(checkpoint, omniglot_root, tmp_path):
+    common = ["-m", str(checkpoint), "-c", "12", "-l", "0.002", "-r", "2", "-d", "cpu", "--data-root",
+              str(omniglot_root)]
+    sequential = [*eval_omni.evaluate(eval_omni.parse_args(common))][-1]
+    oracle = [*eval_omni.evaluate(eval_omni.parse_args([*common, "--order", "iid", "--epochs", "2"]))][-1]
+    assert (oracle["order"], oracle["epochs"], sequential["order"], sequential["epochs"]) == ("iid", 2, "sequential", 1)
+    for a, b in zip(sequential["runs"], oracle["runs"]):
+        assert a["seed"] == b["seed"]  # paired: the same classes and splits, learned in another order
+        assert len(b["test_by_class"]) == len(b["train_by_class"]) == 12
+        assert np.mean(b["test_by_class"]) == pytest.approx(b["test_accuracy"], abs=1e-4)
+    assert [r["test_by_class"] for r in sequential["runs"]] != [r["test_by_class"] for r in oracle["runs"]]
+    png = tmp_path / "sequence.png"
+    eval_omni.plot_sequence(oracle, png)
+    assert png.read_bytes()[:4] == b"\x89PNG"
+    out = tmp_path / "r.json"
+    out.write_text(json.dumps(sequential))
+    with pytest.raises(ValueError, match="other order, epochs"):
+        eval_omni.stopped_runs(eval_omni.parse_args([*common, "--order", "iid", "--epochs", "2", "--out", str(out),
+                                                     "--resume"]))
+
+
 def test_seed_reproduces_runs(small_model, checkpoint, omniglot_root):
     args = ["-m", str(checkpoint), "-c", "4", "-l", "0.002", "-r", "2", "-d", "cpu", "--data-root", str(omniglot_root)]
     first, again, other = ([*eval_omni.evaluate(eval_omni.parse_args([*args, "--seed", seed]))][-1]["runs"]
@@ -254,6 +301,7 @@ def test_seed_reproduces_runs(small_model, checkpoint, omniglot_root):
     (["-l", "0"], ["--lr 0.0", "positive"]),
     (["-l", "inf"], ["--lr inf", "finite"]),
     (["-l", "nan"], ["--lr nan", "finite"]),
+    (["--epochs", "0"], ["--epochs 0 must be at least 1"]),
     (["--out", "README.md/r.json"], ["--out README.md/r.json", "README.md is a file"]),
     (["-m", "trained_anmls/256_112_2304_ANML-12345.pth"], ["no such checkpoint"]),
     (["-m", "README.md"], ["checkpoint name"]),
