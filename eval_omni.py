@@ -52,6 +52,9 @@ def parser() -> argparse.ArgumentParser:
                         "the same drawings and steps in a random order")
     p.add_argument("--epochs", type=int, default=1,
                    help="passes over the training drawings (default 1): the sequence again, or a fresh shuffle")
+    p.add_argument("--record-every", type=int, default=0, metavar="K",
+                   help="sequential, one epoch: also record, every K classes, the test accuracy on the classes "
+                        "learned so far (default: only at the end)")
     p.add_argument("-d", "--device", choices=["cpu", "cuda"], help="default: cuda where available, else cpu")
     p.add_argument("--data-root", type=Path, help="folder holding omniglot-py/ (default $OMNIGLOT_ROOT, else ./data)")
     p.add_argument("--no-download", action="store_true", help="never download Omniglot; fail if it is absent")
@@ -89,6 +92,13 @@ def check_args(args: argparse.Namespace) -> None:
         raise ValueError("--runs and --select-runs must be at least 1")
     if args.epochs < 1:
         raise ValueError(f"--epochs {args.epochs} must be at least 1")
+    if args.record_every:
+        if args.record_every < 0 or args.record_every > min(args.classes):
+            raise ValueError(f"--record-every {args.record_every} is outside 1..{min(args.classes)}, the smallest "
+                             "--classes: record at least once in every class count")
+        if args.order != "sequential" or args.epochs != 1:
+            raise ValueError("--record-every records the classes learned so far along one pass of the sequence; it "
+                             "means nothing with --order iid or several --epochs: drop one or the other")
     if args.resume and args.out is None:
         raise ValueError("--resume continues the evaluation in --out FILE.json; give --out")
     if args.save_rates and len(args.lr or []) < 2:
@@ -129,7 +139,7 @@ def settings(args: argparse.Namespace, lrs: dict[int, list[float]]) -> dict:
     """What decides an evaluation's runs (`lrs`: learning_rates(args)), as its JSON records them: a stopped one
     resumes only under the same."""
     return {"model": str(args.model), "train_examples": args.train_examples, "order": args.order,
-            "epochs": args.epochs, "seed": args.seed, "classes": args.classes,
+            "epochs": args.epochs, "record_every": args.record_every, "seed": args.seed, "classes": args.classes,
             "rates": {str(n): rates for n, rates in lrs.items()}, "reported_runs": args.runs,
             "selection_runs": args.select_runs}
 
@@ -142,7 +152,8 @@ def stopped_runs(args: argparse.Namespace) -> list[dict]:
     if not args.resume:
         raise ValueError(f"--out {args.out} already holds results; continue them with --resume, or give another --out")
     try:
-        saved = {"order": "sequential", "epochs": 1, **json.loads(args.out.read_text())}  # as before these existed
+        # as before these existed
+        saved = {"order": "sequential", "epochs": 1, "record_every": 0, **json.loads(args.out.read_text())}
         runs = saved["runs"]
     except (ValueError, KeyError, TypeError):
         raise ValueError(f"--out {args.out} is not an evaluation's JSON; give another --out") from None
@@ -202,13 +213,14 @@ def run_group(model, features, data, n: int, lr: float, purpose: str, count: int
     """`count` runs of one class count, rate and purpose, trained together."""
     seeds = [run_seed(args.seed, purpose, n, run) for run in range(count)]
     result = meta_test.meta_test_runs(model, features, data, n, lr, seeds, args.train_examples, args.order,
-                                      args.epochs)
+                                      args.epochs, args.record_every)
     return [{"classes": n, "lr": lr, "purpose": purpose, "run": run, "seed": seed, "test_accuracy": test,
              "train_accuracy": train, "test_by_class": [round(a, 4) for a in by_class[0]],
-             "train_by_class": [round(a, 4) for a in by_class[1]]}
+             "train_by_class": [round(a, 4) for a in by_class[1]],
+             **({"test_so_far": [round(a, 4) for a in by_class[2]]} if args.record_every else {})}
             for run, (seed, test, train, *by_class) in enumerate(zip(
                 seeds, result.test_accuracy.tolist(), result.train_accuracy.tolist(), result.test_by_class.tolist(),
-                result.train_by_class.tolist()))]
+                result.train_by_class.tolist(), result.so_far.tolist()))]
 
 
 def summarise(runs: list[dict], n: int, rates: list[float]) -> dict:

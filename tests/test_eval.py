@@ -44,8 +44,8 @@ def test_fast_runs_match_the_plain_protocol(small_model, small_features, evaluat
     for n_classes, lr in ((3, 0.001), (6, 0.003)):
         fast = meta_test.meta_test_runs(small_model, small_features, evaluation, n_classes, lr, seeds=[11, 12])
         for run, seed in enumerate([11, 12]):
-            test, train, fc = meta_test.plain_meta_test_run(copy.deepcopy(small_model), evaluation, n_classes, lr,
-                                                            seed=seed)
+            test, train, fc, _ = meta_test.plain_meta_test_run(copy.deepcopy(small_model), evaluation, n_classes, lr,
+                                                               seed=seed)
             for a, b in ((fast.weight[run], fc.weight), (fast.bias[run], fc.bias)):
                 assert (a - b).norm() / b.norm() < 1e-4
             assert (fast.test_accuracy[run].item(), fast.train_accuracy[run].item()) == pytest.approx((test, train),
@@ -59,7 +59,7 @@ def test_fast_runs_match_the_plain_protocol_for_the_treatments(network, evaluati
     network.eval()
     features = meta_test.gated_features(network, evaluation)
     fast = meta_test.meta_test_runs(network, features, evaluation, 4, 0.002, seeds=[21])
-    test, train, fc = meta_test.plain_meta_test_run(copy.deepcopy(network), evaluation, 4, 0.002, seed=21)
+    test, train, fc, _ = meta_test.plain_meta_test_run(copy.deepcopy(network), evaluation, 4, 0.002, seed=21)
     assert (fast.weight[0] - fc.weight).norm() / fc.weight.norm() < 1e-4
     assert (fast.test_accuracy[0].item(), fast.train_accuracy[0].item()) == pytest.approx((test, train), abs=1e-6)
 
@@ -178,13 +178,22 @@ def test_orders_and_epochs_match_the_plain_protocol(order, epochs, small_model, 
     path and on the whole model alike; per class, the accuracies average to the run's."""
     fast = meta_test.meta_test_runs(small_model, small_features, evaluation, 4, 0.002, seeds=[31], order=order,
                                     epochs=epochs)
-    test, train, fc = meta_test.plain_meta_test_run(copy.deepcopy(small_model), evaluation, 4, 0.002, seed=31,
-                                                    order=order, epochs=epochs)
+    test, train, fc, _ = meta_test.plain_meta_test_run(copy.deepcopy(small_model), evaluation, 4, 0.002, seed=31,
+                                                       order=order, epochs=epochs)
     assert (fast.weight[0] - fc.weight).norm() / fc.weight.norm() < 1e-4
     assert (fast.test_accuracy[0].item(), fast.train_accuracy[0].item()) == pytest.approx((test, train), abs=1e-6)
     assert fast.test_by_class.shape == (1, 4) and fast.test_by_class.mean().item() == pytest.approx(test, abs=1e-6)
     sequential = meta_test.meta_test_runs(small_model, small_features, evaluation, 4, 0.002, seeds=[31])
     assert not torch.equal(fast.weight, sequential.weight)  # another order, or more steps, learns otherwise
+
+
+def test_accuracy_so_far_matches_the_plain_protocol(small_model, small_features, evaluation):
+    fast = meta_test.meta_test_runs(small_model, small_features, evaluation, 6, 0.002, seeds=[41, 42], record_every=2)
+    for run, seed in enumerate([41, 42]):
+        test, *_, so_far = meta_test.plain_meta_test_run(copy.deepcopy(small_model), evaluation, 6, 0.002, seed=seed,
+                                                         record_every=2)
+        assert len(so_far) == 3 and fast.so_far[run].tolist() == pytest.approx(so_far, abs=1e-6)
+        assert so_far[-1] == pytest.approx(test, abs=1e-6)  # after the last class: the run's own figure
 
 
 def test_training_orders():
@@ -276,6 +285,10 @@ def test_oracle_and_epochs_keep_every_class_by_position(checkpoint, omniglot_roo
         assert len(b["test_by_class"]) == len(b["train_by_class"]) == 12
         assert np.mean(b["test_by_class"]) == pytest.approx(b["test_accuracy"], abs=1e-4)
     assert [r["test_by_class"] for r in sequential["runs"]] != [r["test_by_class"] for r in oracle["runs"]]
+    recorded = [*eval_omni.evaluate(eval_omni.parse_args([*common, "--record-every", "4"]))][-1]
+    for a, b in zip(sequential["runs"], recorded["runs"]):  # recording changes nothing it records
+        assert len(b["test_so_far"]) == 3 and b["test_so_far"][-1] == pytest.approx(a["test_accuracy"], abs=1e-4)
+        assert b["test_by_class"] == a["test_by_class"] and "test_so_far" not in a
     png = tmp_path / "sequence.png"
     eval_omni.plot_sequence(oracle, png)
     assert png.read_bytes()[:4] == b"\x89PNG"
@@ -302,6 +315,8 @@ def test_seed_reproduces_runs(small_model, checkpoint, omniglot_root):
     (["-l", "inf"], ["--lr inf", "finite"]),
     (["-l", "nan"], ["--lr nan", "finite"]),
     (["--epochs", "0"], ["--epochs 0 must be at least 1"]),
+    (["-c", "10", "50", "--record-every", "20"], ["--record-every 20 is outside 1..10"]),
+    (["-c", "10", "--record-every", "5", "--order", "iid"], ["--record-every", "means nothing with --order iid"]),
     (["--out", "README.md/r.json"], ["--out README.md/r.json", "README.md is a file"]),
     (["-m", "trained_anmls/256_112_2304_ANML-12345.pth"], ["no such checkpoint"]),
     (["-m", "README.md"], ["checkpoint name"]),
