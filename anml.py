@@ -242,7 +242,8 @@ class RunState:
 
     @classmethod
     def fresh(cls, config: RunConfig, device: torch.device) -> RunState:
-        """A freshly initialised network of the config's treatment and its outer optimizer, every generator seeded from config.seed.
+        """A freshly initialised network of the config's treatment and its outer optimizer, every generator seeded
+        from config.seed.
 
         Under torchrun every worker starts from the same weights, then draws its tasks from a stream of its own
         (rank 0's is the single-process stream).
@@ -314,8 +315,8 @@ def train(state: RunState, data: Omniglot, out_dir: Path, graphed: bool = False)
     Ctrl-C, or SIGTERM (what a batch scheduler sends before it kills), finishes the current iteration, saves, then
     raises runtime.Stopped (a KeyboardInterrupt) with the signal. A NaN or infinite outer loss (read where a log row or
     a checkpoint is due) or weights (read where a checkpoint is due) raise Diverged before anything of it is saved,
-    the checkpoints before it kept as they are. Under torchrun each worker runs one task of the meta-batch; rank 0 logs and writes, and
-    refuses a folder that another process is training into.
+    the checkpoints before it kept as they are. Under torchrun each worker runs one task of the meta-batch; rank 0
+    logs and writes, and refuses a folder that another process is training into.
     """
     return train_together([state], data, [out_dir], graphed)[0]
 
@@ -443,7 +444,8 @@ class _Run:
                 self.window = []
             bad = np.flatnonzero(~np.isfinite(window[:, 0]))
             if len(bad):
-                raise self.diverged(f"its outer loss was {window[bad[0], 0]} at iteration {done - len(window) + bad[0]}")
+                first = done - len(window) + bad[0]
+                raise self.diverged(f"its outer loss was {window[bad[0], 0]} at iteration {first}")
         if save:
             bad = checkpoints.first_non_finite(state.model.state_dict())
             if bad is not None:

@@ -57,8 +57,10 @@ def compare(a: dict, b: dict) -> list[dict]:
 def table(rows: list[dict]) -> str:
     lines = [f"{'classes':>7}  {'A (lr)':>17}  {'B (lr)':>17}  {'B - A':>7}  {'U':>6}  {'p':>7}  {'runs':>7}"]
     for r in rows:
-        lines.append(f"{r['classes']:>7}  {r['mean_a']:>7.4f} ({r['lr_a']:<7g})  {r['mean_b']:>7.4f} ({r['lr_b']:<7g})  "
-                     f"{r['difference']:>+7.4f}  {r['u']:>6.1f}  {r['p']:>7.4f}  {str(r['runs_a']) + '/' + str(r['runs_b']):>7}")
+        a, b = (f"{r['mean_' + side]:.4f} ({r['lr_' + side]:g})" for side in "ab")
+        runs = f"{r['runs_a']}/{r['runs_b']}"
+        lines.append(f"{r['classes']:>7}  {a:>17}  {b:>17}  {r['difference']:>+7.4f}  {r['u']:>6.1f}  {r['p']:>7.4f}  "
+                     f"{runs:>7}")
     return "\n".join(lines)
 
 

@@ -3,6 +3,7 @@ python eval_omni.py --model trained_anmls/256_112_2304_ANML-29999.pth --classes 
 from __future__ import annotations
 
 import argparse
+import copy
 import datetime
 import hashlib
 import json
@@ -17,12 +18,14 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
+import torch
 from tqdm import tqdm
 
 import meta_test
 import runtime
 from checkpoints import atomic_path, check_writable, load_model, read_checkpoint_name
 from datasets import find_root, load_split
+from model import ANML
 
 SHIPPED_MODEL = Path(__file__).resolve().parent / "trained_anmls" / "256_112_2304_ANML-29999.pth"
 # The published table (test accuracy, 10 runs, the 30,000-iteration model) and its learning rates.
@@ -37,7 +40,8 @@ def published_lr(n_classes: int) -> float:
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("-m", "--model", type=Path, default=SHIPPED_MODEL,
-                   help="checkpoint (default the shipped trained_anmls/256_112_2304_ANML-29999.pth)")
+                   help="checkpoint (default the shipped trained_anmls/256_112_2304_ANML-29999.pth), or 'scratch': "
+                        "a freshly initialised ANML of the default sizes for every run, everything learning")
     p.add_argument("-c", "--classes", type=int, nargs="+", default=list(PUBLISHED),
                    help="class counts (default: the published ones, 10 ... 600)")
     p.add_argument("-l", "--lr", type=float, nargs="+",
@@ -52,6 +56,9 @@ def parser() -> argparse.ArgumentParser:
                         "the same drawings and steps in a random order")
     p.add_argument("--epochs", type=int, default=1,
                    help="passes over the training drawings (default 1): the sequence again, or a fresh shuffle")
+    p.add_argument("--learn", choices=meta_test.LEARN,
+                   help="what learns: fc (the paper's protocol; OML-OLFT; default), inner (what meta-training's inner "
+                        "loop adapts: ANML's RLN + fc, OML's PLN) or all (everything; Scratch's, and its default)")
     p.add_argument("--record-every", type=int, default=0, metavar="K",
                    help="sequential, one epoch: also record, every K classes, the test accuracy on the classes "
                         "learned so far (default: only at the end)")
@@ -103,11 +110,18 @@ def check_args(args: argparse.Namespace) -> None:
         raise ValueError("--resume continues the evaluation in --out FILE.json; give --out")
     if args.save_rates and len(args.lr or []) < 2:
         raise ValueError("--save-rates needs several --lr to choose from")
-    if args.model.is_dir():
+    if is_scratch(args.model):
+        if args.learn not in (None, "all"):
+            raise ValueError(f"--learn {args.learn} means nothing with --model scratch, whose untrained network learns "
+                             "everything (the paper's Scratch); drop --learn")
+        if args.save_rates:
+            raise ValueError("--save-rates writes beside a model's file, and --model scratch has none; drop it")
+    elif args.model.is_dir():
         raise ValueError(f"--model {args.model} is a folder; name a checkpoint in it")
-    if not args.model.is_file():
+    elif not args.model.is_file():
         raise FileNotFoundError(f"{args.model}: no such checkpoint; check the path")
-    read_checkpoint_name(args.model)
+    else:
+        read_checkpoint_name(args.model)
     for flag, path in (("--out", args.out), ("--plot", args.plot), ("--plot-sequence", args.plot_sequence)):
         if path is not None:
             if path.is_dir():
@@ -118,6 +132,15 @@ def check_args(args: argparse.Namespace) -> None:
     if runtime.resolve_device(args.device).type == "cpu" and shutil.which(cxx) is None:
         raise FileNotFoundError(f"meta-testing on the CPU compiles its Adam step with torch.compile, which needs a "
                                 f"C++ compiler, and {cxx} is not there: install g++ or set CXX to one")
+
+
+def is_scratch(model: Path) -> bool:
+    return str(model) == "scratch"
+
+
+def learn(args: argparse.Namespace) -> str:
+    """What learns at meta-test: --learn, else everything for Scratch and the fc layer for a trained model."""
+    return args.learn or ("all" if is_scratch(args.model) else "fc")
 
 
 def rates_path(model: Path) -> Path:
@@ -138,7 +161,7 @@ def learning_rates(args: argparse.Namespace) -> dict[int, list[float]]:
 def settings(args: argparse.Namespace, lrs: dict[int, list[float]]) -> dict:
     """What decides an evaluation's runs (`lrs`: learning_rates(args)), as its JSON records them: a stopped one
     resumes only under the same."""
-    return {"model": str(args.model), "train_examples": args.train_examples, "order": args.order,
+    return {"model": str(args.model), "learn": learn(args), "train_examples": args.train_examples, "order": args.order,
             "epochs": args.epochs, "record_every": args.record_every, "seed": args.seed, "classes": args.classes,
             "rates": {str(n): rates for n, rates in lrs.items()}, "reported_runs": args.runs,
             "selection_runs": args.select_runs}
@@ -153,7 +176,8 @@ def stopped_runs(args: argparse.Namespace) -> list[dict]:
         raise ValueError(f"--out {args.out} already holds results; continue them with --resume, or give another --out")
     try:
         # as before these existed
-        saved = {"order": "sequential", "epochs": 1, "record_every": 0, **json.loads(args.out.read_text())}
+        saved = {"order": "sequential", "epochs": 1, "record_every": 0, "learn": "fc",
+                 **json.loads(args.out.read_text())}
         runs = saved["runs"]
     except (ValueError, KeyError, TypeError):
         raise ValueError(f"--out {args.out} is not an evaluation's JSON; give another --out") from None
@@ -162,7 +186,7 @@ def stopped_runs(args: argparse.Namespace) -> list[dict]:
         raise ValueError(f"--out {args.out} does not record the settings it was evaluated with (an older version wrote "
                          "it), so it cannot be resumed; give another --out")
     differ = [key for key, value in ours.items() if key != "model" and saved[key] != value]
-    if Path(saved["model"]).resolve() != args.model.resolve():
+    if Path(saved["model"]).resolve() != args.model.resolve() and saved["model"] != str(args.model):
         differ.insert(0, "model")
     if differ:
         raise ValueError(f"--out {args.out} was evaluated with other {', '.join(differ)}; resume it with the flags it "
@@ -184,12 +208,13 @@ def evaluate(args: argparse.Namespace, stopped: Sequence[dict] = ()) -> Iterator
     runs, yields the results so far: the runs and, per class count finished, the chosen rate and its figures. The
     runs of a stopped evaluation of the same settings (`stopped`) are kept, not run again."""
     device = runtime.set_up(args.device)  # on CUDA, features as the CPU computes them: no TF32 convolutions
-    model = load_model(args.model, device).eval()
+    model = None if is_scratch(args.model) else load_model(args.model, device).eval()
     data = load_split(find_root(args.data_root, download=not args.no_download), "images_evaluation")
     if not args.lr and rates_path(args.model).is_file():
         logging.info("rates chosen for this model on selection runs, from %s (--lr overrides)", rates_path(args.model))
     lrs = learning_rates(args)
-    features = meta_test.cached_features(args.model, model, data)
+    # Frozen features serve the fast path, where the fc layer alone learns.
+    features = meta_test.cached_features(args.model, model, data) if learn(args) == "fc" else None
     plan = {n: [(lr, purpose, count) for lr in lrs[n]
                 for purpose, count in (("select", args.select_runs if len(lrs[n]) > 1 else 0), ("report", args.runs))
                 if count] for n in args.classes}
@@ -210,17 +235,30 @@ def evaluate(args: argparse.Namespace, stopped: Sequence[dict] = ()) -> Iterator
 
 def run_group(model, features, data, n: int, lr: float, purpose: str, count: int,
               args: argparse.Namespace) -> list[dict]:
-    """`count` runs of one class count, rate and purpose, trained together."""
+    """`count` runs of one class count, rate and purpose: trained together on the frozen features where the fc layer
+    alone learns, else one after another on the whole model (for Scratch, a fresh one each, drawn from its seed)."""
     seeds = [run_seed(args.seed, purpose, n, run) for run in range(count)]
-    result = meta_test.meta_test_runs(model, features, data, n, lr, seeds, args.train_examples, args.order,
-                                      args.epochs, args.record_every)
+    if features is not None:
+        fast = meta_test.meta_test_runs(model, features, data, n, lr, seeds, args.train_examples, args.order,
+                                        args.epochs, args.record_every)
+        runs = zip(fast.test_accuracy.tolist(), fast.train_accuracy.tolist(), fast.test_by_class.tolist(),
+                   fast.train_by_class.tolist(), fast.so_far.tolist())
+    else:
+        runs = []
+        for seed in seeds:
+            if model is None:  # Scratch: PyTorch's initialisation, from the run's seed
+                torch.manual_seed(seed)
+                network = ANML().to(runtime.resolve_device(args.device)).eval()
+            else:
+                network = copy.deepcopy(model)
+            run = meta_test.plain_meta_test_run(network, data, n, lr, args.train_examples, seed, args.order,
+                                                args.epochs, args.record_every, learn(args))
+            runs.append((run.test_accuracy, run.train_accuracy, run.test_by_class, run.train_by_class, run.so_far))
     return [{"classes": n, "lr": lr, "purpose": purpose, "run": run, "seed": seed, "test_accuracy": test,
-             "train_accuracy": train, "test_by_class": [round(a, 4) for a in by_class[0]],
-             "train_by_class": [round(a, 4) for a in by_class[1]],
-             **({"test_so_far": [round(a, 4) for a in by_class[2]]} if args.record_every else {})}
-            for run, (seed, test, train, *by_class) in enumerate(zip(
-                seeds, result.test_accuracy.tolist(), result.train_accuracy.tolist(), result.test_by_class.tolist(),
-                result.train_by_class.tolist(), result.so_far.tolist()))]
+             "train_accuracy": train, "test_by_class": [round(a, 4) for a in test_by_class],
+             "train_by_class": [round(a, 4) for a in train_by_class],
+             **({"test_so_far": [round(a, 4) for a in so_far]} if args.record_every else {})}
+            for run, (seed, (test, train, test_by_class, train_by_class, so_far)) in enumerate(zip(seeds, runs))]
 
 
 def summarise(runs: list[dict], n: int, rates: list[float]) -> dict:

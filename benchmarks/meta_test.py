@@ -3,13 +3,14 @@ together on CUDA, one after another on a CPU), with denormal floats flushed as e
 against the plain protocol (the whole model, one Adam step per drawing), on the same model and classes.
 
     OMNIGLOT_ROOT=../shared/omniglot python benchmarks/meta_test.py [-m MODEL] [--classes 600] [--runs 10] \
-        [--plain-runs 1]
+        [--plain-runs 1] [--learn inner]
 
 The model is the shipped one unless -m names another: a trained model's tiny features are what make denormals.
 The plain path takes minutes per 600-class run on a CPU, so it is timed on --plain-runs runs and its figure for
 --runs runs is that per-run time multiplied out (each run does the same work); the output says so. Each path runs
 in a thread of its own, flushing denormals or not (runtime.call_in_new_thread); the plain path keeps them, as the
-reference code does.
+reference code does. With --learn inner or all, it also times that meta-test, which eval_omni.py runs as the plain
+protocol does, a PyTorch step a drawing on the whole model (denormals flushed, as eval_omni.py runs it).
 """
 from __future__ import annotations
 
@@ -35,6 +36,7 @@ def main() -> None:
     p.add_argument("--classes", type=int, default=600)
     p.add_argument("--runs", type=int, default=10)
     p.add_argument("--plain-runs", type=int, default=1)
+    p.add_argument("--learn", choices=["inner", "all"], help="also time a meta-test with these learning")
     p.add_argument("-d", "--device", choices=["cpu", "cuda"])
     args = p.parse_args()
     if min(args.runs, args.plain_runs) < 1:
@@ -74,6 +76,12 @@ def main() -> None:
           f"{(flushed.weight - kept.weight).abs().max().item():.1e}")
     print(f"speed-up         {plain_total / fast_total:.1f}x for {args.runs} runs with feature extraction, "
           f"{t_plain * args.runs / t_flushed:.1f}x without")
+    if args.learn:
+        learning = lambda: [meta_test.plain_meta_test_run(copy.deepcopy(model), data, args.classes, 0.001, seed=run,
+                                                          learn=args.learn) for run in range(args.plain_runs)]
+        t_learn = timed(learning, flush=True)[0] / args.plain_runs
+        print(f"--learn {args.learn:<6}  {t_learn:.1f} s/run, a PyTorch step a drawing (timed over {args.plain_runs} "
+              f"run(s)), {t_learn / t_plain:.2f}x the plain protocol's fc-only run")
 
 
 if __name__ == "__main__":

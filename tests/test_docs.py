@@ -36,3 +36,8 @@ def test_every_flag_is_in_the_readme(command):
         for flag in action.option_strings:
             if flag not in ("-h", "--help"):
                 assert f"`{flag}" in readme, f"{command.__name__}'s {flag} is not in README.md"
+
+
+def test_the_readme_names_no_path_of_this_projects_machines():
+    readme = (REPO / "README.md").read_text()
+    assert "../shared" not in readme and "~/anml_runs" not in readme  # a user has --data-root, $OMNIGLOT_ROOT, data/

@@ -44,8 +44,8 @@ def test_fast_runs_match_the_plain_protocol(small_model, small_features, evaluat
     for n_classes, lr in ((3, 0.001), (6, 0.003)):
         fast = meta_test.meta_test_runs(small_model, small_features, evaluation, n_classes, lr, seeds=[11, 12])
         for run, seed in enumerate([11, 12]):
-            test, train, fc, _ = meta_test.plain_meta_test_run(copy.deepcopy(small_model), evaluation, n_classes, lr,
-                                                               seed=seed)
+            test, train, fc, *_ = meta_test.plain_meta_test_run(copy.deepcopy(small_model), evaluation, n_classes,
+                                                                lr, seed=seed)
             for a, b in ((fast.weight[run], fc.weight), (fast.bias[run], fc.bias)):
                 assert (a - b).norm() / b.norm() < 1e-4
             assert (fast.test_accuracy[run].item(), fast.train_accuracy[run].item()) == pytest.approx((test, train),
@@ -59,7 +59,7 @@ def test_fast_runs_match_the_plain_protocol_for_the_treatments(network, evaluati
     network.eval()
     features = meta_test.gated_features(network, evaluation)
     fast = meta_test.meta_test_runs(network, features, evaluation, 4, 0.002, seeds=[21])
-    test, train, fc, _ = meta_test.plain_meta_test_run(copy.deepcopy(network), evaluation, 4, 0.002, seed=21)
+    test, train, fc, *_ = meta_test.plain_meta_test_run(copy.deepcopy(network), evaluation, 4, 0.002, seed=21)
     assert (fast.weight[0] - fc.weight).norm() / fc.weight.norm() < 1e-4
     assert (fast.test_accuracy[0].item(), fast.train_accuracy[0].item()) == pytest.approx((test, train), abs=1e-6)
 
@@ -178,7 +178,7 @@ def test_orders_and_epochs_match_the_plain_protocol(order, epochs, small_model, 
     path and on the whole model alike; per class, the accuracies average to the run's."""
     fast = meta_test.meta_test_runs(small_model, small_features, evaluation, 4, 0.002, seeds=[31], order=order,
                                     epochs=epochs)
-    test, train, fc, _ = meta_test.plain_meta_test_run(copy.deepcopy(small_model), evaluation, 4, 0.002, seed=31,
+    test, train, fc, *_ = meta_test.plain_meta_test_run(copy.deepcopy(small_model), evaluation, 4, 0.002, seed=31,
                                                        order=order, epochs=epochs)
     assert (fast.weight[0] - fc.weight).norm() / fc.weight.norm() < 1e-4
     assert (fast.test_accuracy[0].item(), fast.train_accuracy[0].item()) == pytest.approx((test, train), abs=1e-6)
@@ -194,6 +194,37 @@ def test_accuracy_so_far_matches_the_plain_protocol(small_model, small_features,
                                                          record_every=2)
         assert len(so_far) == 3 and fast.so_far[run].tolist() == pytest.approx(so_far, abs=1e-6)
         assert so_far[-1] == pytest.approx(test, abs=1e-6)  # after the last class: the run's own figure
+
+
+@pytest.mark.parametrize("learn, changed", [("fc", {"fc."}), ("inner", {"fc.", "rln."}),
+                                            ("all", {"fc.", "rln.", "nm."})])
+def test_what_learns_learns_and_nothing_else(learn, changed, small_model, evaluation):
+    model = copy.deepcopy(small_model)
+    before = copy.deepcopy(model.state_dict())
+    run = meta_test.plain_meta_test_run(model, evaluation, 3, 0.002, seed=5, learn=learn)
+    moved = {name.split(".")[0] + "." for name, value in model.state_dict().items()
+             if not torch.equal(value, before[name]) and not name.endswith("conv.bias")}  # (no gradient: the norm)
+    assert moved == changed
+    assert len(run.test_by_class) == 3 and run.test_accuracy == pytest.approx(np.mean(run.test_by_class))
+
+
+def test_scratch_draws_a_fresh_network_a_run_and_learns_everything(omniglot_root, monkeypatch):
+    args = eval_omni.parse_args(["-m", "scratch", "-c", "3", "-l", "0.002", "-r", "2", "-d", "cpu", "--data-root",
+                                 str(omniglot_root)])
+    eval_omni.check_args(args)
+    learned, starts = [], []
+    real = meta_test.plain_meta_test_run
+
+    def spy(network, *rest):
+        starts.append(network.nm.fc.weight.detach().clone())
+        learned.append(rest[-1])
+        return real(network, *rest)
+    monkeypatch.setattr(meta_test, "plain_meta_test_run", spy)
+    results = [*eval_omni.evaluate(args)][-1]
+    assert results["learn"] == "all" and learned == ["all", "all"]
+    assert not torch.equal(*starts)  # each run its own network, from its own seed
+    again = [*eval_omni.evaluate(args)][-1]
+    assert [r["test_by_class"] for r in again["runs"]] == [r["test_by_class"] for r in results["runs"]]
 
 
 def test_training_orders():
@@ -315,6 +346,8 @@ def test_seed_reproduces_runs(small_model, checkpoint, omniglot_root):
     (["-l", "inf"], ["--lr inf", "finite"]),
     (["-l", "nan"], ["--lr nan", "finite"]),
     (["--epochs", "0"], ["--epochs 0 must be at least 1"]),
+    (["-m", "scratch", "--learn", "fc"], ["--learn fc means nothing with --model scratch"]),
+    (["-m", "scratch", "-l", "0.1", "0.2", "--save-rates"], ["--save-rates", "scratch has none"]),
     (["-c", "10", "50", "--record-every", "20"], ["--record-every 20 is outside 1..10"]),
     (["-c", "10", "--record-every", "5", "--order", "iid"], ["--record-every", "means nothing with --order iid"]),
     (["--out", "README.md/r.json"], ["--out README.md/r.json", "README.md is a file"]),
