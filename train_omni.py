@@ -23,6 +23,12 @@ from datasets import find_root, load_split
 from model import MODELS
 
 DEFAULTS = RunConfig()
+# The flags that mean nothing for a treatment, each with why.
+MEANINGLESS = {"anml": {"batch_size": "only pretrain trains on batches"},
+               "sanml": {"nm": "an SANML has no NM", "mask": "an SANML has no NM", "batch_size": "it meta-trains"},
+               "oml": {"nm": "OML has no NM", "mask": "OML has no NM", "batch_size": "it meta-trains",
+                       "conv_init": "OML's convs are Kaiming-initialised already"},
+               "pretrain": {"inner_lr": "pre-training has no inner loop"}}
 
 
 def parser() -> argparse.ArgumentParser:
@@ -115,12 +121,7 @@ def check_args(args: argparse.Namespace, dirs: list[Path]) -> None:
     for key in ("rln", "nm", "mask", "epochs", "batch_size", "save_every", "log_every", "keep_states"):
         if getattr(args, key) is not None and getattr(args, key) < 1:
             raise ValueError(f"{flag(key)} {getattr(args, key)} must be at least 1")
-    # Flags that mean nothing for a treatment, each with why.
-    meaningless = {"sanml": {"nm": "an SANML has no NM", "mask": "an SANML has no NM", "batch_size": "it meta-trains"},
-                   "oml": {"nm": "OML has no NM", "mask": "OML has no NM", "batch_size": "it meta-trains",
-                           "conv_init": "OML's convs are Kaiming-initialised already"},
-                   "pretrain": {"inner_lr": "pre-training has no inner loop"}}
-    for key, why in meaningless.get(args.treatment, {"batch_size": "only pretrain trains on batches"}).items():
+    for key, why in MEANINGLESS.get(args.treatment or "anml", {}).items():
         if getattr(args, key) is not None:
             raise ValueError(f"{flag(key)} means nothing with --treatment {args.treatment or 'anml'}: {why}; drop "
                              f"{flag(key)}")
